@@ -1,0 +1,30 @@
+"""Exceptions that the CLI turns into one clear line and a non-zero exit.
+
+Every error a user can cause (bad file, bad option, bad config) is a ``SparseSRError``;
+anything else reaching the CLI is a bug and is reported as such.
+"""
+from __future__ import annotations
+
+
+class SparseSRError(Exception):
+    """Base class: a problem with the user's input, explained in one line."""
+
+
+class ImageReadError(SparseSRError):
+    """An image file could not be read or decoded."""
+
+
+class ImageWriteError(SparseSRError):
+    """An image file could not be written."""
+
+
+class CheckpointError(SparseSRError):
+    """A checkpoint could not be read, or does not match the architecture."""
+
+
+class ConfigError(SparseSRError):
+    """A training or evaluation configuration is invalid."""
+
+
+class SparseFormatError(SparseSRError):
+    """An exported sparse model file violates the format (docs/format.md)."""
