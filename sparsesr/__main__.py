@@ -1,0 +1,5 @@
+import sys
+
+from sparsesr.cli import main
+
+sys.exit(main())

@@ -1,0 +1,122 @@
+"""EDSR (Lim et al., CVPR-W 2017): residual blocks without batch norm, pixel-shuffle upsampler.
+
+Module and parameter names follow the official EDSR-PyTorch code, so its ``.pt`` state dicts
+load as they are: ``sub_mean``, ``head.0``, ``body.N.body.{0,2}``, ``body.<n_resblocks>`` (the
+last body conv), ``tail.0`` (upsampler), ``tail.1``, ``add_mean``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsesr.errors import ConfigError
+
+# Per-channel RGB mean of DIV2K, as used by the official EDSR checkpoints.
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+SUPPORTED_SCALES = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class EDSRConfig:
+    """Everything needed to rebuild an EDSR network."""
+
+    n_resblocks: int = 16
+    n_feats: int = 64
+    res_scale: float = 1.0
+    scale: int = 2
+    n_colors: int = 3
+    rgb_range: float = 255.0  # official checkpoints work on pixel values in [0, 255]
+
+    def __post_init__(self) -> None:
+        if self.scale not in SUPPORTED_SCALES:
+            raise ConfigError(f"scale must be one of {SUPPORTED_SCALES}, got {self.scale}")
+        if self.n_resblocks < 1 or self.n_feats < 1:
+            raise ConfigError(
+                f"n_resblocks and n_feats must be positive, got {self.n_resblocks} and {self.n_feats}"
+            )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "EDSRConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown EDSR config keys {unknown}; expected some of {sorted(known)}")
+        return cls(**data)
+
+
+class MeanShift(nn.Module):
+    """Adds (sign=+1) or subtracts (sign=-1) the dataset mean, as a fixed 1x1 conv.
+
+    Kept as buffers named ``weight`` / ``bias`` so the official checkpoints' ``sub_mean.*`` and
+    ``add_mean.*`` keys load, and so pruning (which looks for ``nn.Conv2d``) never touches it.
+    """
+
+    def __init__(self, rgb_range: float, sign: int, mean: tuple[float, ...] = DIV2K_RGB_MEAN) -> None:
+        super().__init__()
+        n = len(mean)
+        self.register_buffer("weight", torch.eye(n).view(n, n, 1, 1))
+        self.register_buffer("bias", sign * rgb_range * torch.tensor(mean))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight, self.bias)
+
+
+def conv3x3(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, padding=1)
+
+
+class ResBlock(nn.Module):
+    """conv -> ReLU -> conv, scaled, plus the input."""
+
+    def __init__(self, n_feats: int, res_scale: float) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv3x3(n_feats, n_feats), nn.ReLU(inplace=True), conv3x3(n_feats, n_feats))
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x) * self.res_scale
+
+
+class Upsampler(nn.Sequential):
+    """Pixel-shuffle upsampling: log2(scale) x2 stages, or one x3 stage."""
+
+    def __init__(self, scale: int, n_feats: int) -> None:
+        layers: list[nn.Module] = []
+        if scale == 3:
+            layers += [conv3x3(n_feats, 9 * n_feats), nn.PixelShuffle(3)]
+        else:
+            for _ in range(int(math.log2(scale))):
+                layers += [conv3x3(n_feats, 4 * n_feats), nn.PixelShuffle(2)]
+        super().__init__(*layers)
+
+
+class EDSR(nn.Module):
+    """EDSR on RGB input in [0, 1]; returns the upscaled image in (about) [0, 1]."""
+
+    def __init__(self, config: EDSRConfig) -> None:
+        super().__init__()
+        self.config = config
+        c, f = config.n_colors, config.n_feats
+        self.sub_mean = MeanShift(config.rgb_range, -1)
+        self.head = nn.Sequential(conv3x3(c, f))
+        self.body = nn.Sequential(*[ResBlock(f, config.res_scale) for _ in range(config.n_resblocks)], conv3x3(f, f))
+        self.tail = nn.Sequential(Upsampler(config.scale, f), conv3x3(f, c))
+        self.add_mean = MeanShift(config.rgb_range, +1)
+
+    @property
+    def scale(self) -> int:
+        return self.config.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.sub_mean(x * self.config.rgb_range)
+        x = self.head(x)
+        x = x + self.body(x)
+        x = self.add_mean(self.tail(x))
+        return x / self.config.rgb_range
