@@ -30,6 +30,8 @@ class ModelSection:
     arch: str = "edsr-cpu"
     scale: int = 2
     init: str | None = None  # checkpoint to start from (fine-tuning, pruning a trained model)
+    n_resblocks: int | None = None  # override the preset's depth / width (small test models)
+    n_feats: int | None = None
 
 
 @dataclass

@@ -65,7 +65,10 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
 
     paths = list_images(cfg.data.train)
     train_paths, val_paths = split_holdout(paths, cfg.data.holdout, seed=0)
-    dataset = SRPatchDataset(train_paths, cfg.model.scale, patch_size=cfg.data.patch_size, augment=True, seed=tcfg.seed)
+    dataset = SRPatchDataset(
+        train_paths, cfg.model.scale, patch_size=cfg.data.patch_size, augment=True, seed=tcfg.seed,
+        length=tcfg.iterations * tcfg.batch_size * world,
+    )
     val_set = SRImageDataset(val_paths, cfg.model.scale) if val_paths else None
 
     step, best_psnr, history = 0, -math.inf, []
@@ -153,7 +156,10 @@ def validate(model: nn.Module, val_set, scale: int, val_crop: int = 0) -> dict:
     for lr, hr, _name in val_set:
         if val_crop:
             lr, hr = _center_crop(lr, hr, val_crop, scale)
-        sr = model(lr.unsqueeze(0))[0].clamp(0, 1)
+        gray = lr.shape[0] == 1
+        sr = model((lr.expand(3, -1, -1) if gray else lr).unsqueeze(0))[0].clamp(0, 1)
+        if gray:  # scored on its single channel, like the published tables
+            sr = sr.mean(0, keepdim=True)
         sr = torch.round(sr * 255) / 255
         psnrs.append(psnr(sr, hr, crop_border=scale))
         ssims.append(ssim(sr, hr, crop_border=scale))
@@ -173,13 +179,14 @@ def _center_crop(lr: torch.Tensor, hr: torch.Tensor, size: int, scale: int) -> t
 def _batch(dataset, step: int, rank: int, world: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Sample i of the whole run is dataset[i]: deterministic, disjoint across ranks, resumable.
     first = (step * world + rank) * batch_size
-    pairs = [dataset[(first + j) % len(dataset)] for j in range(batch_size)]
+    pairs = [dataset[first + j] for j in range(batch_size)]
     return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
 def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     if not cfg.model.init:
-        return build_model(cfg.model.arch, cfg.model.scale), {}
+        sizes = {k: v for k in ("n_resblocks", "n_feats") if (v := getattr(cfg.model, k)) is not None}
+        return build_model(cfg.model.arch, cfg.model.scale, **sizes), {}
     ckpt = load_checkpoint(cfg.model.init)
     if ckpt.config.scale != cfg.model.scale:
         raise ConfigError(f"model.init {cfg.model.init} is a x{ckpt.config.scale} model, but model.scale is {cfg.model.scale}")
