@@ -77,6 +77,104 @@ def _run_eval(args) -> int:
     return 0
 
 
+def _add_prune(sub) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="one-shot magnitude pruning of a checkpoint",
+        description="Prune a trained checkpoint once by weight magnitude (global ranking by default) and save "
+        "it with exact zeros. Fine-tune it afterwards with `sparsesr train --set model.init=OUT` and a "
+        "[prune] method = \"magnitude\" section to keep the mask fixed.",
+    )
+    p.add_argument("checkpoint", help="a sparsesr, EDSR-PyTorch or BasicSR checkpoint")
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights set to zero, e.g. 0.9")
+    p.add_argument("--granularity", default="1x1", help="1x1 (unstructured), 4x1, 8x1 (output-channel blocks) or 1x4")
+    p.add_argument("--balance", default="global", choices=("global", "layer_normalized", "uniform"),
+                   help="how sparsity is spread over layers (default: one global magnitude ranking)")
+    p.add_argument("--min-density", type=float, default=0.0, help="keep at least this fraction of every layer")
+    p.add_argument("-o", "--out", required=True, help="output checkpoint (.safetensors)")
+    p.set_defaults(func=_run_prune)
+
+
+def _run_prune(args) -> int:
+    from sparsesr.train.oneshot import prune_checkpoint
+
+    report = prune_checkpoint(args.checkpoint, args.out, args.sparsity, args.granularity, args.balance, args.min_density)
+    print(f"pruned to {report['sparsity']:.4f} sparsity ({report['nonzeros']:,} of {report['numel']:,} weights kept); "
+          f"wrote {args.out}")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint as a compressed sparse model file",
+        description="Convert a checkpoint (sparsesr, EDSR-PyTorch or BasicSR) into the compressed safetensors "
+        "format of docs/format.md: each conv stored dense, CSR or block-sparse (BSR).",
+    )
+    p.add_argument("checkpoint", help="the checkpoint to export")
+    p.add_argument("-o", "--out", required=True, help="output file (.safetensors)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="storage type of conv weights")
+    p.add_argument("--layout", default="auto", choices=("auto", "csr", "bsr", "dense"),
+                   help="auto: sparse only where the sparse kernel is expected to be faster")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+    from sparsesr.format import export
+
+    report = export(args.checkpoint, args.out, dtype=args.dtype, layout=args.layout).to_dict()
+    _print_layers(report, args.json)
+    return 0
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="layers, sparsity and size of a checkpoint or exported file",
+        description="Print per-layer shape, layout, nonzeros and sparsity of a checkpoint or exported file, "
+        "and the total sparsity over the pruned layers (all convs but the first and last).",
+    )
+    p.add_argument("file", help="a checkpoint or an exported sparse model file")
+    p.add_argument("--json", action="store_true", help="print JSON (top-level 'sparsity' over the pruned layers)")
+    p.add_argument("--runtime", action="store_true", help="also load the model and show which backend each layer runs on")
+    p.set_defaults(func=_run_info)
+
+
+def _run_info(args) -> int:
+    from sparsesr.inspect import describe_model_file
+
+    info = describe_model_file(args.file)
+    if args.runtime:
+        from sparsesr.runtime import load
+
+        info["runtime"] = load(args.file).backend_report()
+    _print_layers(info, args.json)
+    return 0
+
+
+def _print_layers(info: dict, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    print(f"{'layer':<16} {'shape':<18} {'layout':<6} {'dtype':<8} {'nonzeros':>9} {'sparsity':>8} {'bytes':>9}")
+    for row in info["layers"]:
+        shape = "x".join(map(str, row["shape"]))
+        print(f"{row['name']:<16} {shape:<18} {row['layout']:<6} {row['dtype']:<8} {row['nnz']:>9,} "
+              f"{row['sparsity']:>8.4f} {row['bytes']:>9,}")
+    print(f"sparsity over pruned layers: {info['sparsity']:.4f}")
+    if "dense_fp32_bytes" in info:
+        print(f"file size: {info['size_bytes']:,} bytes = {info['size_bytes'] / info['dense_fp32_bytes']:.1%} "
+              f"of the dense fp32 file ({info['dense_fp32_bytes']:,} bytes)")
+    else:
+        print(f"file size: {info['size_bytes']:,} bytes")
+    if "runtime" in info:
+        print("runtime:")
+        print(json.dumps(info["runtime"], indent=2, default=str))
+
+
 
 # --- entry point ----------------------------------------------------------------------------
 
@@ -111,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-_SUBCOMMANDS.extend([_add_train, _add_eval])
+_SUBCOMMANDS.extend([_add_train, _add_eval, _add_prune, _add_export, _add_info])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -148,23 +148,18 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
 @torch.no_grad()
 def validate(model: nn.Module, val_set, scale: int, val_crop: int = 0) -> dict:
     """Mean Y-channel PSNR / SSIM of ``model`` over whole validation images (8-bit, crop = scale)."""
-    from sparsesr.metrics import psnr, ssim
+    from sparsesr.evaluate import score_pair
 
     was_training = model.training
     model.eval()
-    psnrs, ssims = [], []
+    scores = []
     for lr, hr, _name in val_set:
         if val_crop:
             lr, hr = _center_crop(lr, hr, val_crop, scale)
-        gray = lr.shape[0] == 1
-        sr = model((lr.expand(3, -1, -1) if gray else lr).unsqueeze(0))[0].clamp(0, 1)
-        if gray:  # scored on its single channel, like the published tables
-            sr = sr.mean(0, keepdim=True)
-        sr = torch.round(sr * 255) / 255
-        psnrs.append(psnr(sr, hr, crop_border=scale))
-        ssims.append(ssim(sr, hr, crop_border=scale))
+        scores.append(score_pair(model, lr, hr, scale))
     model.train(was_training)
-    return {"psnr": float(sum(psnrs) / len(psnrs)), "ssim": float(sum(ssims) / len(ssims)), "images": len(psnrs)}
+    n = len(scores)
+    return {"psnr": sum(p for p, _ in scores) / n, "ssim": sum(s for _, s in scores) / n, "images": n}
 
 
 def _center_crop(lr: torch.Tensor, hr: torch.Tensor, size: int, scale: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,102 @@
+"""The command line: help texts, exit codes, one-line errors, and the train/eval/prune/export/info flow."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sparsesr.cli import build_parser, main
+from sparsesr.models import build_model
+from sparsesr.models.checkpoint import save_checkpoint
+
+COMMANDS = ["train", "eval", "prune", "export", "info"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("Set")
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        small = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((36, 28), Image.BICUBIC).save(folder / f"im{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "small.safetensors"
+    save_checkpoint(path, build_model("edsr-cpu", 2, n_resblocks=2, n_feats=16))
+    return path
+
+
+def test_every_command_has_help(capsys):
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert "usage: sparsesr " + name in capsys.readouterr().out
+    assert set(COMMANDS) <= set(build_parser()._subparsers._group_actions[0].choices)
+
+
+def test_eval_bicubic_json(images, capsys):
+    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(images), "--json", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    row = result[images.name]
+    assert row["images"] == 3 and 15 < row["psnr"] < 60 and 0 < row["ssim"] <= 1
+
+
+def test_eval_checkpoint_table(images, checkpoint, capsys):
+    assert main(["eval", "--model", str(checkpoint), "--data", str(images), "-q"]) == 0
+    out = capsys.readouterr().out
+    assert images.name in out and "PSNR" in out
+
+
+def test_prune_info_export_flow(tmp_path, checkpoint, capsys):
+    pruned = tmp_path / "pruned.safetensors"
+    assert main(["prune", str(checkpoint), "--sparsity", "0.75", "-o", str(pruned)]) == 0
+    capsys.readouterr()
+    assert main(["info", str(pruned), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert abs(info["sparsity"] - 0.75) < 1e-3
+    assert info["pruning"]["method"] == "magnitude"
+    exported = tmp_path / "model.safetensors"
+    assert main(["export", str(pruned), "-o", str(exported), "--dtype", "fp16", "--layout", "csr", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert abs(report["sparsity"] - 0.75) < 1e-3 and report["size_bytes"] < report["dense_fp32_bytes"]
+    assert main(["info", str(exported)]) == 0
+    assert "sparsity over pruned layers: 0.75" in capsys.readouterr().out
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "sparsesr", *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["eval", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
+        (["train", "-o", "OUT", "--set", "model.arch=srgan"], "unknown model preset"),
+        (["train", "-o", "OUT", "--set", "train.itrations=5"], "unknown key"),
+        (["info", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
+        (["eval", "--model", "/nonexistent.pt", "--data", "."], "/nonexistent.pt"),
+    ],
+)
+def test_user_errors_are_one_line(tmp_path, args, needle):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    proc = _run(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_corrupt_image_is_one_line(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    proc = _run("eval", "--data", str(folder), "-q")
+    assert proc.returncode == 2
+    assert "broken.png" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
