@@ -146,9 +146,14 @@ def _run_info(args) -> int:
 
     info = describe_model_file(args.file)
     if args.runtime:
+        import torch
+
         from sparsesr.runtime import load
 
-        info["runtime"] = load(args.file).backend_report()
+        model = load(args.file)
+        with torch.no_grad():  # the path each layer takes is decided when it first runs
+            model(torch.rand(1, 3, 32, 32))
+        info["runtime"] = model.backend_report()
     _print_layers(info, args.json)
     return 0
 
@@ -171,8 +176,13 @@ def _print_layers(info: dict, as_json: bool) -> None:
     else:
         print(f"file size: {info['size_bytes']:,} bytes")
     if "runtime" in info:
-        print("runtime:")
-        print(json.dumps(info["runtime"], indent=2, default=str))
+        print("\nruntime (path each layer took on a 32x32 test input):")
+        for row in info["runtime"]["layers"]:
+            print(f"  {row['name']:<16} {row['layout']:<6} {row['path'] or '-':<7} {row['reason'] or ''}")
+        for name, kernel in info["runtime"]["kernels"].items():
+            state = f"available ({kernel.get('isa')})" if kernel["available"] and kernel.get("isa") else (
+                "available" if kernel["available"] else f"unavailable: {kernel['reason']}")
+            print(f"  {name} kernel: {state}")
 
 
 

@@ -28,3 +28,7 @@ class ConfigError(SparseSRError):
 
 class SparseFormatError(SparseSRError):
     """An exported sparse model file violates the format (docs/format.md)."""
+
+
+class BackendError(SparseSRError):
+    """A compute backend or device was requested that cannot run here."""

@@ -61,7 +61,8 @@ class MeanShift(nn.Module):
     def __init__(self, rgb_range: float, sign: int, mean: tuple[float, ...] = DIV2K_RGB_MEAN) -> None:
         super().__init__()
         n = len(mean)
-        self.register_buffer("weight", torch.eye(n).view(n, n, 1, 1))
+        # zeros + diagonal, not torch.eye: eye is slow on the meta device, where files are checked
+        self.register_buffer("weight", torch.zeros(n, n).fill_diagonal_(1).view(n, n, 1, 1))
         self.register_buffer("bias", sign * rgb_range * torch.tensor(mean))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""``SparseConv2d``: a conv layer that keeps its weight in the file's layout and picks a kernel per call.
+
+Dispatch (``backend="auto"``), decided on every call from the input:
+- CUDA input and Triton available -> the Triton kernel for the layout (csr / bsr);
+- CPU input and the compiled CPU kernel available -> that kernel where its measured crossover
+  (``should_use_sparse``) says it beats dense at this image size, else dense;
+- anything else -> dense: ``torch.conv2d`` on the densified weight (always correct).
+A forced backend (``"triton"``, ``"cpu"``, ``"dense"``) skips the choice. Every path computes
+the same fused epilogue: ``y = conv(x) + bias``, ``relu`` if set, then ``residual + res_scale*y``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsesr.format.reader import ConvLayer
+from sparsesr.runtime import backends
+
+
+_VALUES_BUFFER = {"dense": "weight", "csr": "values", "bsr": "block_values"}
+
+
+class SparseConv2d(nn.Module):
+    """Stride-1, zero-padded conv whose weight is stored dense, CSR or BSR (docs/format.md)."""
+
+    def __init__(self, layer: ConvLayer, bias: torch.Tensor | None, relu: bool = False, backend: str = "auto") -> None:
+        super().__init__()
+        self.name = layer.name
+        self.layout = layer.layout
+        self.out_channels, self.in_channels, self.kh, self.kw = layer.shape
+        self.block = layer.block
+        self.relu = relu
+        self.backend = backend
+        # Values are kept in fp32 for computing (the file may store fp16/bf16); .half() etc. work as usual.
+        for key, tensor in layer.tensors.items():
+            self.register_buffer(key, tensor.float() if tensor.is_floating_point() else tensor.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.last_path: str | None = None
+        self.last_reason = "not run yet"
+        self._dense_cache: tuple[tuple, torch.Tensor] | None = None
+        self._cpu_cache: tuple[tuple, object] | None = None
+        self._cpu_faster: dict[tuple[int, int], bool] = {}  # (H, W) -> CPU kernel beats dense
+
+    def extra_repr(self) -> str:
+        block = f", block={self.block}" if self.block else ""
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
+                f"layout={self.layout}{block}, relu={self.relu}, backend={self.backend}")
+
+    @property
+    def _values(self) -> torch.Tensor:
+        """The float tensor of the weight (dense weight, CSR values or BSR block values)."""
+        return getattr(self, _VALUES_BUFFER[self.layout])
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, res_scale: float = 1.0) -> torch.Tensor:
+        path, reason = self._choose_path(x)
+        if path == "triton":
+            y = self._run_triton(x, residual, res_scale)
+        elif path == "cpu":
+            cpu = backends.kernel("cpu")
+            y = cpu.conv2d(x, self._cpu_prepared(), bias=self.bias, relu=self.relu, residual=residual,
+                           res_scale=res_scale)
+        else:
+            y = self._run_dense(x, residual, res_scale)
+        self.last_path, self.last_reason = path, reason
+        return y
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def _choose_path(self, x: torch.Tensor) -> tuple[str, str]:
+        if self.layout == "dense":
+            return "dense", "stored dense in the file"
+        if self.backend != "auto":
+            return self.backend, f"backend={self.backend} requested"
+        device = x.device.type
+        if device == "cuda":
+            reason = backends.unavailable_reason("triton")
+            return ("triton", "CUDA input, Triton kernel") if reason is None else ("dense", f"Triton unavailable: {reason}")
+        if device == "cpu":
+            reason = backends.unavailable_reason("cpu")
+            if reason is not None:
+                return "dense", f"CPU kernel unavailable: {reason}"
+            if x.dtype != torch.float32:
+                return "dense", f"CPU kernel computes in float32, input is {str(x.dtype).removeprefix('torch.')}"
+            h, w = x.shape[-2:]
+            if (h, w) not in self._cpu_faster:  # the kernel caches too; this skips its key building
+                self._cpu_faster[(h, w)] = bool(backends.kernel("cpu").should_use_sparse(self._cpu_prepared(), h, w))
+            if self._cpu_faster[(h, w)]:
+                return "cpu", f"CPU kernel measured faster than dense at {h}x{w}"
+            return "dense", f"dense measured faster than the CPU kernel at {h}x{w}"
+        return "dense", f"no sparse kernel for device {device!r}"
+
+    # --- the three paths -----------------------------------------------------------------------
+
+    def dense_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The ``[C_out, C_in, kh, kw]`` weight, densified once per device/dtype and cached."""
+        from sparsesr.format import layouts
+
+        values = self._values
+        dtype = dtype or values.dtype
+        if self.layout == "dense":
+            return self.weight.to(dtype)
+        key = (values.data_ptr(), values.device, dtype)
+        if self._dense_cache is None or self._dense_cache[0] != key:
+            shape = (self.out_channels, self.in_channels, self.kh, self.kw)
+            if self.layout == "csr":
+                dense = layouts.csr_to_dense(self.row_ptr.cpu(), self.col_idx.cpu(), self.values.cpu(), shape)
+            else:
+                dense = layouts.bsr_to_dense(self.block_row_ptr.cpu(), self.block_col_idx.cpu(),
+                                             self.block_values.cpu(), shape)
+            self._dense_cache = (key, dense.to(device=values.device, dtype=dtype))
+        return self._dense_cache[1]
+
+    def _run_dense(self, x: torch.Tensor, residual: torch.Tensor | None, res_scale: float) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.conv2d(x, self.dense_weight(x.dtype), bias, padding=(self.kh // 2, self.kw // 2))
+        if self.relu:
+            y = F.relu(y)
+        if residual is not None:
+            y = residual.add(y, alpha=res_scale)
+        return y
+
+    def _run_triton(self, x: torch.Tensor, residual: torch.Tensor | None, res_scale: float) -> torch.Tensor:
+        triton = backends.kernel("triton")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        epilogue = dict(relu=self.relu, residual=residual, res_scale=res_scale)
+        if self.layout == "csr":
+            return triton.csr_conv2d(x, self.row_ptr, self.col_idx, self.values.to(x.dtype), bias,
+                                     self.kh, self.kw, **epilogue)
+        return triton.bsr_conv2d(x, self.block_row_ptr, self.block_col_idx, self.block_values.to(x.dtype),
+                                 self.out_channels, bias, self.kh, self.kw, **epilogue)
+
+    def _cpu_prepared(self) -> object:
+        """The CPU kernel's packed form of the weight, prepared once (per values tensor)."""
+        values = self._values
+        key = (values.data_ptr(), values.dtype)
+        if self._cpu_cache is None or self._cpu_cache[0] != key:
+            cpu = backends.kernel("cpu")
+            if self.layout == "csr":
+                prepared = cpu.prepare_csr(self.row_ptr, self.col_idx, self.values.float(),
+                                           self.in_channels, self.kh, self.kw)
+            else:
+                prepared = cpu.prepare_bsr(self.block_row_ptr, self.block_col_idx, self.block_values.float(),
+                                           self.out_channels, self.in_channels, self.kh, self.kw)
+            self._cpu_cache = (key, prepared)
+        return self._cpu_cache[1]
+
+    def report(self) -> dict:
+        return {"name": self.name, "layout": self.layout, "block": list(self.block) if self.block else None,
+                "backend": self.backend, "path": self.last_path, "reason": self.last_reason}

@@ -1,0 +1,87 @@
+"""Assemble a runnable network from an exported file: EDSR with ``SparseConv2d`` convs."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from sparsesr.format import SparseModelFile, export_bytes, is_sparse_model_file, parse_bytes, read_file
+from sparsesr.models.edsr import EDSR, ResBlock
+from sparsesr.runtime import backends
+from sparsesr.runtime.conv import SparseConv2d
+
+
+class FusedResBlock(nn.Module):
+    """EDSR's residual block with its ReLU and residual add fused into the convs' epilogues.
+
+    ``body`` keeps the original indices (0 = first conv, now with the ReLU fused; 1 = where the
+    ReLU was; 2 = second conv, adding ``x + res_scale * y``), so layer names match the file.
+    """
+
+    def __init__(self, conv1: SparseConv2d, conv2: SparseConv2d, res_scale: float) -> None:
+        super().__init__()
+        conv1.relu = True
+        self.body = nn.Sequential(conv1, nn.Identity(), conv2)
+        self.res_scale = res_scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body[2](self.body[0](x), residual=x, res_scale=self.res_scale)
+
+
+class SparseEDSR(EDSR):
+    """EDSR whose convs are ``SparseConv2d``, built from a validated ``SparseModelFile``."""
+
+    def __init__(self, model_file: SparseModelFile, backend: str = "auto") -> None:
+        with torch.device("meta"):  # the dense layers built here are replaced right away
+            super().__init__(model_file.config)
+        tensors = model_file.tensors
+        for name, layer in model_file.layers.items():
+            parent_name, _, child = name.rpartition(".")
+            conv = SparseConv2d(layer, tensors.get(f"{name}.bias"), backend=backend)
+            setattr(self.get_submodule(parent_name), child, conv)
+        for i, block in enumerate(self.body):
+            if isinstance(block, ResBlock):
+                self.body[i] = FusedResBlock(block.body[0], block.body[2], block.res_scale)
+        for module_name, module in self.named_modules():  # mean shifts: plain buffers from the file
+            if not isinstance(module, SparseConv2d):
+                for buffer_name, _ in list(module.named_buffers(recurse=False)):
+                    setattr(module, buffer_name, tensors[f"{module_name}.{buffer_name}"].clone())
+        self.model_file_source = model_file.source
+
+    def sparse_convs(self) -> list[SparseConv2d]:
+        return [m for m in self.modules() if isinstance(m, SparseConv2d)]
+
+    def set_backend(self, backend: str) -> None:
+        """Force every layer to ``backend`` ("auto", "triton", "cpu" or "dense")."""
+        device = next(iter(self.buffers())).device.type
+        backends.check_backend(backend, device)
+        for conv in self.sparse_convs():
+            conv.backend = backend
+
+    def backend_report(self) -> dict:
+        """Per layer: layout, requested backend, the path its last call took and why; kernel availability."""
+        return {"layers": [conv.report() for conv in self.sparse_convs()], "kernels": backends.report()}
+
+
+def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backend: str = "auto") -> SparseEDSR:
+    """Load an exported sparsesr file (or a plain checkpoint, exported in memory) for inference.
+
+    ``device``: "auto" (CUDA if available, else CPU) or any torch device string.
+    ``backend``: "auto" picks per layer and per call (see ``SparseConv2d``); "triton", "cpu" or
+    "dense" force one path and raise ``BackendError`` if it cannot run here.
+    Returns the model in eval mode. Invalid files raise ``SparseFormatError`` / ``CheckpointError``.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise backends.BackendError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    backends.check_backend(backend, device.type)
+    if isinstance(path, SparseModelFile):
+        model_file = path
+    elif is_sparse_model_file(path):
+        model_file = read_file(path)
+    else:  # a dense or pruned checkpoint: export it in memory, keeping the auto layouts
+        model_file = parse_bytes(export_bytes(path, dtype="fp32", layout="auto"), source=str(path))
+    return SparseEDSR(model_file, backend=backend).to(device).eval()
