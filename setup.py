@@ -46,17 +46,31 @@ class OptionalBuildExt(build_ext):
 
 
 def _extensions() -> list[Extension]:
-    if os.environ.get("SPARSESR_NO_EXTENSION"):
+    """The CPU sparse convolution kernel (kernels/cpu/*.c), plain C11 + POSIX threads.
+
+    No torch headers: pip builds in an isolated environment that has no torch. The AVX2 and
+    AVX-512 code paths use function target attributes, so no -march flag is needed.
+    """
+    if os.environ.get("SPARSESR_NO_EXTENSION") or sys.platform == "win32":
+        return []  # win32: no pthreads/stdatomic in MSVC's C; the runtime falls back to dense
+    cpu_dir = os.path.join("kernels", "cpu")
+    if not os.path.isdir(cpu_dir):
         return []
-    sources = sorted(
-        os.path.join("kernels", "cpu", f)
-        for f in os.listdir(os.path.join("kernels", "cpu"))
-        if f.endswith(".c")
-    ) if os.path.isdir(os.path.join("kernels", "cpu")) else []
+    sources = sorted(os.path.join(cpu_dir, f) for f in os.listdir(cpu_dir) if f.endswith(".c"))
+    headers = sorted(os.path.join(cpu_dir, f) for f in os.listdir(cpu_dir) if f.endswith(".h"))
     if not sources:
         return []
-    extra = ["-O3", "-std=c11"] if sys.platform != "win32" else ["/O2"]
-    return [Extension("sparsesr.kernels.cpu._sparseconv", sources=sources, extra_compile_args=extra)]
+    flags = ["-O3", "-std=c11", "-pthread"]
+    flags += os.environ.get("SPARSESR_CPU_CFLAGS", "").split()  # e.g. -fsanitize=address
+    return [
+        Extension(
+            "sparsesr.kernels.cpu._sparseconv",
+            sources=sources,
+            depends=headers,
+            extra_compile_args=flags,
+            extra_link_args=["-pthread"] + os.environ.get("SPARSESR_CPU_LDFLAGS", "").split(),
+        )
+    ]
 
 
 packages, package_dir = _packages()

@@ -1,0 +1,418 @@
+"""Direct sparse 2-D convolution on the CPU (the compiled extension ``_sparseconv``).
+
+Kernels take tensors and return tensors; nothing here imports from ``sparsesr``.
+
+    prepared = prepare_dense(weight)            # or prepare_csr(...) / prepare_bsr(...)
+    y = conv2d(x, prepared, bias, relu=True)    # == relu(F.conv2d(x, weight, bias, padding=k//2))
+
+Weights are re-arranged once at prepare time into *groups*: G consecutive output channels
+(G = 1 for unstructured CSR, G = 4 for 4x1 / 8x1 output-channel blocks) sharing one ascending
+list of nonzero positions ``k = (c_in * kh + ky) * kw + kx`` with G values each. The C kernel
+turns the positions into offsets into a zero-padded input window per call. See docs/cpu-kernel.md.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from . import _sparseconv
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # the build is optional (setup.py)
+    _sparseconv = None
+    _IMPORT_ERROR = f"extension not built: {exc}"
+
+__all__ = [
+    "PreparedConv", "available", "unavailable_reason", "isa", "supported_isas",
+    "prepare_csr", "prepare_bsr", "prepare_dense", "conv2d", "should_use_sparse",
+]
+
+_ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
+_INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
+_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    """True when the compiled kernel can be used."""
+    return _sparseconv is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used, or None when it can."""
+    return _IMPORT_ERROR
+
+
+def supported_isas() -> list[str]:
+    """Code paths this machine can run, slowest first (empty without the extension)."""
+    if _sparseconv is None:
+        return []
+    return [name for name, code in _ISA_CODES.items() if _sparseconv.isa_supported(code)]
+
+
+def isa() -> str:
+    """The code path conv2d will run: ``$SPARSESR_CPU_ISA`` if set, else the fastest one."""
+    return _default_isa()
+
+
+def _default_isa() -> str:
+    forced = os.environ.get("SPARSESR_CPU_ISA", "").strip().lower()
+    if forced:
+        return _check_isa(forced)
+    supported = supported_isas()
+    if not supported:
+        raise RuntimeError(f"sparse CPU kernel unavailable ({_IMPORT_ERROR})")
+    return supported[-1]
+
+
+def _check_isa(name: str) -> str:
+    if name not in _ISA_CODES:
+        raise ValueError(f"ISA must be one of {sorted(_ISA_CODES)}, got {name!r}")
+    if name not in supported_isas():
+        raise ValueError(f"ISA {name!r} is not supported on this CPU (supported: {supported_isas()})")
+    return name
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedConv:
+    """A conv weight arranged for the kernel. Build it with prepare_csr / prepare_bsr / prepare_dense."""
+
+    out_channels: int
+    in_channels: int
+    kh: int
+    kw: int
+    group: int              # output channels sharing one nonzero list: 1 or 4
+    group_ptr: torch.Tensor  # int32 [n_groups + 1]
+    nz_k: torch.Tensor       # int32 [n_entries], ascending within a group
+    nz_val: torch.Tensor     # float32 [n_entries * group]
+    nnz: int                 # nonzero weights (what the FLOP count uses)
+    layout: str              # "csr", "bsr4x1", "bsr8x1", ... (what it was built from)
+
+    def __post_init__(self) -> None:
+        # The C kernel trusts these arrays; check them once here so that no hand-built
+        # PreparedConv can make it read or write outside its buffers.
+        if self.group not in (1, 4):
+            raise ValueError(f"group must be 1 or 4, got {self.group}")
+        _check_kernel_size(self.in_channels, self.kh, self.kw)
+        n_groups = -(-self.out_channels // self.group)
+        for name, t, dtype in (("group_ptr", self.group_ptr, torch.int32), ("nz_k", self.nz_k, torch.int32),
+                               ("nz_val", self.nz_val, torch.float32)):
+            if t.dtype != dtype or t.dim() != 1 or not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"{name} must be a contiguous 1-D {dtype} CPU tensor, got {t.dtype} {tuple(t.shape)}")
+        _check_pointers("group_ptr", self.group_ptr, n_groups, self.nz_k.numel())
+        if self.nz_val.numel() != self.nz_k.numel() * self.group:
+            raise ValueError(f"nz_val must have {self.nz_k.numel() * self.group} values, got {self.nz_val.numel()}")
+        k_total = self.in_channels * self.kh * self.kw
+        if self.nz_k.numel() and (self.nz_k.min() < 0 or self.nz_k.max() >= k_total):
+            raise ValueError(f"nz_k must lie in [0, {k_total})")
+
+    @property
+    def density(self) -> float:
+        return self.nnz / (self.out_channels * self.in_channels * self.kh * self.kw)
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight as a dense float32 [C_out, C_in, kh, kw] tensor."""
+        k_total = self.in_channels * self.kh * self.kw
+        n_groups = self.group_ptr.numel() - 1
+        counts = self.group_ptr[1:].long() - self.group_ptr[:-1].long()
+        group_of_entry = torch.repeat_interleave(torch.arange(n_groups), counts)
+        dense = torch.zeros(n_groups * self.group, k_total)
+        values = self.nz_val.view(-1, self.group)
+        for j in range(self.group):
+            dense.index_put_((group_of_entry * self.group + j, self.nz_k.long()), values[:, j], accumulate=True)
+        return dense[: self.out_channels].reshape(self.out_channels, self.in_channels, self.kh, self.kw)
+
+
+# ---- preparing weights ------------------------------------------------------------------------
+
+
+def _check_index(name: str, t: object, dims: int = 1) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _INDEX_DTYPES or t.dim() != dims:
+        found = f"{t.dtype} tensor with {t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {dims}-D int16/int32/int64 tensor, got {found}")
+    return t.detach().to("cpu", torch.int64)
+
+
+def _check_values(name: str, t: object, dims: int) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor) or t.dtype not in _VALUE_DTYPES or t.dim() != dims:
+        found = f"{t.dtype} tensor with {t.dim()} dims" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must be a {dims}-D float32/float16/bfloat16 tensor, got {found}")
+    return t.detach().to("cpu", torch.float32)
+
+
+def _check_kernel_size(in_channels: int, kh: int, kw: int) -> None:
+    if in_channels < 1:
+        raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+    if kh < 1 or kw < 1 or kh % 2 == 0 or kw % 2 == 0:
+        raise ValueError(f"kernel size must be odd and >= 1 (padding k//2 keeps the size), got {kh}x{kw}")
+
+
+def _check_pointers(name: str, ptr: torch.Tensor, n_rows: int, n_entries: int) -> None:
+    if ptr.numel() != n_rows + 1:
+        raise ValueError(f"{name} must have {n_rows + 1} entries, got {ptr.numel()}")
+    if ptr[0] != 0 or ptr[-1] != n_entries or bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError(f"{name} must start at 0, never decrease and end at {n_entries}, "
+                         f"got {ptr[0].item()}..{ptr[-1].item()}")
+
+
+def _build(group_ids: torch.Tensor, ks: torch.Tensor, vals: torch.Tensor, n_groups: int, group: int,
+           out_channels: int, in_channels: int, kh: int, kw: int, layout: str) -> PreparedConv:
+    """Pack entries (group id, position k, `group` values) into the kernel's arrays."""
+    keep = vals.ne(0).any(dim=1)  # an all-zero entry (padding, explicit zero) adds nothing
+    group_ids, ks, vals = group_ids[keep], ks[keep], vals[keep]
+    k_total = in_channels * kh * kw
+    order = torch.argsort(group_ids * k_total + ks)  # ascending k inside a group: input locality
+    group_ids, ks, vals = group_ids[order], ks[order], vals[order]
+    counts = torch.bincount(group_ids, minlength=n_groups)
+    group_ptr = torch.zeros(n_groups + 1, dtype=torch.int64)
+    group_ptr[1:] = torch.cumsum(counts, 0)
+    # the true nonzero count, without the padding rows of the last group
+    valid_rows = (torch.arange(n_groups * group).view(n_groups, group) < out_channels)[group_ids]
+    nnz = int((vals.ne(0) & valid_rows).sum())
+    return PreparedConv(
+        out_channels=out_channels, in_channels=in_channels, kh=kh, kw=kw, group=group,
+        group_ptr=group_ptr.to(torch.int32), nz_k=ks.to(torch.int32).contiguous(),
+        nz_val=vals.reshape(-1).contiguous(), nnz=nnz, layout=layout,
+    )
+
+
+def prepare_csr(row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor,
+                in_channels: int, kh: int, kw: int) -> PreparedConv:
+    """Prepare a CSR weight (rows = output channels, column k = (c_in*kh + ky)*kw + kx)."""
+    _check_kernel_size(in_channels, kh, kw)
+    row_ptr, col_idx = _check_index("row_ptr", row_ptr), _check_index("col_idx", col_idx)
+    values = _check_values("values", values, 1)
+    if col_idx.numel() != values.numel():
+        raise ValueError(f"col_idx and values must have the same length, got {col_idx.numel()} and {values.numel()}")
+    out_channels = row_ptr.numel() - 1
+    if out_channels < 1:
+        raise ValueError("row_ptr must have at least 2 entries (one output channel)")
+    _check_pointers("row_ptr", row_ptr, out_channels, col_idx.numel())
+    k_total = in_channels * kh * kw
+    if col_idx.numel() and (col_idx.min() < 0 or col_idx.max() >= k_total):
+        raise ValueError(f"col_idx must lie in [0, {k_total}), got {col_idx.min().item()}..{col_idx.max().item()}")
+    rows = torch.repeat_interleave(torch.arange(out_channels), row_ptr[1:] - row_ptr[:-1])
+    return _build(rows, col_idx, values.view(-1, 1), out_channels, 1, out_channels,
+                  in_channels, kh, kw, "csr")
+
+
+def prepare_bsr(block_row_ptr: torch.Tensor, block_col_idx: torch.Tensor, block_values: torch.Tensor,
+                out_channels: int, in_channels: int, kh: int, kw: int) -> PreparedConv:
+    """Prepare a BSR weight; block_values is [nnz_blocks, b_h, b_w] (padding entries ignored).
+
+    Blocks of 4*m output channels (4x1, 8x1, ...) run on the 4-channel register tile; any other
+    block shape is unpacked into single output channels.
+    """
+    _check_kernel_size(in_channels, kh, kw)
+    if out_channels < 1:
+        raise ValueError(f"out_channels must be >= 1, got {out_channels}")
+    block_row_ptr = _check_index("block_row_ptr", block_row_ptr)
+    block_col_idx = _check_index("block_col_idx", block_col_idx)
+    block_values = _check_values("block_values", block_values, 3)
+    n_blocks, b_h, b_w = block_values.shape
+    if block_col_idx.numel() != n_blocks:
+        raise ValueError(f"block_col_idx must have {n_blocks} entries (one per block), got {block_col_idx.numel()}")
+    if b_h < 1 or b_w < 1:
+        raise ValueError(f"blocks must be at least 1x1, got {b_h}x{b_w}")
+    k_total = in_channels * kh * kw
+    n_block_rows = -(-out_channels // b_h)
+    n_block_cols = -(-k_total // b_w)
+    _check_pointers("block_row_ptr", block_row_ptr, n_block_rows, n_blocks)
+    if n_blocks and (block_col_idx.min() < 0 or block_col_idx.max() >= n_block_cols):
+        raise ValueError(f"block_col_idx must lie in [0, {n_block_cols}), "
+                         f"got {block_col_idx.min().item()}..{block_col_idx.max().item()}")
+    block_rows = torch.repeat_interleave(torch.arange(n_block_rows), block_row_ptr[1:] - block_row_ptr[:-1])
+    group = 4 if b_h % 4 == 0 else 1
+    per_block = b_h // group  # groups per block row
+    n_groups = -(-out_channels // group)
+    # one entry per (block, sub-group s, block column t)
+    blocks = block_values.view(n_blocks, per_block, group, b_w).permute(0, 1, 3, 2)  # [n, s, t, G]
+    s = torch.arange(per_block).view(1, per_block, 1)
+    t = torch.arange(b_w).view(1, 1, b_w)
+    group_ids = (block_rows.view(-1, 1, 1) * per_block + s).expand(n_blocks, per_block, b_w)
+    ks = (block_col_idx.view(-1, 1, 1) * b_w + t).expand(n_blocks, per_block, b_w)
+    group_ids, ks, vals = group_ids.reshape(-1), ks.reshape(-1), blocks.reshape(-1, group)
+    inside = (group_ids < n_groups) & (ks < k_total)  # drop padding past C_out / K
+    if group == 1:
+        inside &= group_ids < out_channels
+    return _build(group_ids[inside], ks[inside], vals[inside], n_groups, group, out_channels,
+                  in_channels, kh, kw, f"bsr{b_h}x{b_w}")
+
+
+def prepare_dense(weight: torch.Tensor) -> PreparedConv:
+    """Prepare a dense [C_out, C_in, kh, kw] weight whose zeros are the sparsity.
+
+    If every group of 8 (else 4) consecutive output channels has the same zero pattern, the
+    4-channel block tile is used; otherwise the weight runs as unstructured CSR.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.dtype not in _VALUE_DTYPES:
+        found = f"{weight.dtype} tensor of shape {tuple(weight.shape)}" if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight must be a 4-D float32/float16/bfloat16 [C_out, C_in, kh, kw] tensor, got {found}")
+    out_channels, in_channels, kh, kw = weight.shape
+    _check_kernel_size(in_channels, kh, kw)
+    matrix = weight.detach().to("cpu", torch.float32).reshape(out_channels, -1)
+    for b_h in (8, 4):
+        n_block_rows = -(-out_channels // b_h)
+        padded = torch.zeros(n_block_rows * b_h, matrix.shape[1])
+        padded[:out_channels] = matrix
+        mask = padded.ne(0).view(n_block_rows, b_h, -1)
+        union = mask.any(dim=1, keepdim=True)
+        rows_valid = (torch.arange(n_block_rows * b_h) < out_channels).view(n_block_rows, b_h, 1)
+        if bool(((mask == union) | ~rows_valid).all()):  # same pattern in every real row
+            blocks = padded.view(n_block_rows, b_h, -1)
+            block_rows, cols = union.squeeze(1).nonzero(as_tuple=True)
+            counts = torch.bincount(block_rows, minlength=n_block_rows)
+            row_ptr = torch.zeros(n_block_rows + 1, dtype=torch.int64)
+            row_ptr[1:] = torch.cumsum(counts, 0)
+            values = blocks[block_rows, :, cols].unsqueeze(-1)  # [nnz_blocks, b_h, 1]
+            return prepare_bsr(row_ptr, cols, values, out_channels, in_channels, kh, kw)
+    rows, cols = matrix.nonzero(as_tuple=True)
+    row_ptr = torch.zeros(out_channels + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(torch.bincount(rows, minlength=out_channels), 0)
+    return prepare_csr(row_ptr, cols, matrix[rows, cols], in_channels, kh, kw)
+
+
+# ---- running ----------------------------------------------------------------------------------
+
+
+def _activation(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu" or t.dtype != torch.float32:
+        raise ValueError(f"{name} must be a float32 CPU tensor, got {t.dtype} on {t.device}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = None, relu: bool = False,
+           residual: torch.Tensor | None = None, res_scale: float = 1.0, isa: str | None = None,
+           band_rows: int = 0, band_cols: int = 0) -> torch.Tensor:
+    """Stride-1 zero-padded conv with the fused epilogue ``residual + res_scale * relu(conv + bias)``.
+
+    x is float32 NCHW on the CPU; ``isa`` forces a code path (default: ``isa()``);
+    band_rows / band_cols override the cache tile size (0: automatic).
+    """
+    if _sparseconv is None:
+        raise RuntimeError(f"sparse CPU kernel unavailable ({_IMPORT_ERROR})")
+    if not isinstance(prepared, PreparedConv):
+        raise ValueError(f"prepared must be a PreparedConv, got {type(prepared).__name__}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        found = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"x must be a 4-D NCHW tensor, got {found}")
+    n, c_in, h, w = x.shape
+    if c_in != prepared.in_channels:
+        raise ValueError(f"x must have {prepared.in_channels} channels, got {c_in}")
+    if n < 1 or h < 1 or w < 1:
+        raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
+    x = _activation("x", x, (n, c_in, h, w))
+    c_out = prepared.out_channels
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,) or not bias.is_floating_point():
+            found = f"{bias.dtype} tensor of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must be a floating-point tensor of shape ({c_out},), got {found}")
+        bias = bias.detach().to("cpu", torch.float32).contiguous()
+    if residual is not None:
+        residual = _activation("residual", residual, (n, c_out, h, w))
+    code = _ISA_CODES[_check_isa(isa.lower()) if isa else _default_isa()]
+    out = torch.empty(n, c_out, h, w)
+    _sparseconv.conv2d(
+        x.data_ptr(), out.data_ptr(), n, c_in, h, w, c_out, prepared.kh, prepared.kw,
+        prepared.group, prepared.group_ptr.numel() - 1, prepared.group_ptr.data_ptr(),
+        prepared.nz_k.data_ptr(), prepared.nz_val.data_ptr(),
+        bias.data_ptr() if bias is not None else 0, bool(relu),
+        residual.data_ptr() if residual is not None else 0, float(res_scale),
+        max(1, torch.get_num_threads()), code, int(band_rows), int(band_cols),
+    )
+    return out
+
+
+# ---- sparse or dense? -------------------------------------------------------------------------
+
+_DECISIONS: dict[str, bool] = {}
+_DECISIONS_LOCK = threading.Lock()
+_CACHE_FILE = os.path.join(os.path.expanduser("~"), ".cache", "sparsesr", "cpu_dispatch.json")
+
+
+@functools.lru_cache(maxsize=1)
+def _machine_key() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return cpu
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    fn()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def should_use_sparse(prepared: PreparedConv, h: int, w: int) -> bool:
+    """Whether conv2d beats dense ``F.conv2d`` for this layer, measured once and cached.
+
+    The decision is keyed by layer shape, density (5% buckets), block size, code path, thread
+    count and CPU model, timed on a small input (at most 64x64) and kept in memory and in
+    ``~/.cache/sparsesr/cpu_dispatch.json`` (set SPARSESR_CPU_DISPATCH_CACHE=0 to skip the file).
+    """
+    if _sparseconv is None:
+        return False
+    side_h, side_w = min(h, 64), min(w, 64)
+    threads = torch.get_num_threads()
+    key = "|".join(str(v) for v in (
+        _machine_key(), _default_isa(), threads, prepared.out_channels, prepared.in_channels, prepared.kh,
+        prepared.kw, prepared.group, round(prepared.density * 20), side_h, side_w))
+    use_file = os.environ.get("SPARSESR_CPU_DISPATCH_CACHE", "1") != "0"
+    with _DECISIONS_LOCK:
+        if key not in _DECISIONS and use_file:
+            _DECISIONS.update(_read_cache_file())
+        if key in _DECISIONS:
+            return _DECISIONS[key]
+    x = torch.randn(1, prepared.in_channels, side_h, side_w)
+    weight = prepared.to_dense()
+    padding = (prepared.kh // 2, prepared.kw // 2)
+    with torch.no_grad():
+        dense = _best_time(lambda: F.conv2d(x, weight, padding=padding))
+        sparse = _best_time(lambda: conv2d(x, prepared))
+    decision = sparse < dense
+    with _DECISIONS_LOCK:
+        _DECISIONS[key] = decision
+        if use_file:
+            _write_cache_file(key, decision)
+    return decision
+
+
+def _read_cache_file() -> dict[str, bool]:
+    try:
+        with open(_CACHE_FILE) as f:
+            data = json.load(f)
+        return {k: v for k, v in data.items() if isinstance(v, bool)} if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_cache_file(key: str, decision: bool) -> None:
+    try:  # a cache: failing to write it only costs a re-measurement next time
+        data = _read_cache_file()
+        data[key] = decision
+        os.makedirs(os.path.dirname(_CACHE_FILE), exist_ok=True)
+        tmp = f"{_CACHE_FILE}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=0, sort_keys=True)
+        os.replace(tmp, _CACHE_FILE)
+    except OSError:
+        pass

@@ -1,0 +1,63 @@
+/* Shared declarations of the CPU direct sparse convolution (see docs/cpu-kernel.md).
+ *
+ * The weight of a conv layer arrives as "groups": G consecutive output channels (G = 1 for
+ * unstructured CSR, G = 4 for 4x1 / 8x1 BSR blocks) that share one list of nonzero positions
+ * k = (c_in * kh + ky) * kw + kx, with G values per position.
+ */
+#ifndef SPARSECONV_H
+#define SPARSECONV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    /* activations: x [n, c_in, h, w], out / residual [n, c_out, h, w], all float32 contiguous */
+    const float *x;
+    float *out;
+    const float *residual; /* may be NULL */
+    const float *bias;     /* [c_out] or NULL */
+    int n, c_in, h, w, c_out, kh, kw;
+    int relu;
+    int stream;            /* use streaming (non-temporal) stores for the output */
+    float res_scale;
+    /* weights */
+    int group;               /* G: output channels per group (1 or 4) */
+    int n_groups;            /* ceil(c_out / G) */
+    const int32_t *group_ptr; /* [n_groups + 1] */
+    const int32_t *nz_k;      /* [nnz] position of each group nonzero, ascending in a group */
+    const float *nz_val;      /* [nnz * G] the G values of each position */
+} ConvArgs;
+
+/* One tile of work: output rows [y0, y0 + rows) x columns [x0, x0 + cols) of image `img`,
+ * computed from `buf`, a zero-padded copy of the input window it needs. */
+typedef struct {
+    const ConvArgs *a;
+    const float *buf;       /* c_in planes of `cs` floats, each (rows_max + kh - 1) rows of `wp` */
+    int wp;                 /* row stride of buf */
+    /* the nonzeros, reordered chunk-major: entries of group g whose input channel falls in
+     * chunk j are [seg_ptr[j * n_groups + g], seg_ptr[j * n_groups + g + 1]) */
+    int n_chunks;
+    const int32_t *seg_ptr; /* [n_chunks * n_groups + 1] */
+    const int32_t *off;     /* offset of each entry inside buf relative to its output pixel */
+    const float *val;       /* [entries * G] */
+    float *stage;           /* partial sums between chunks: n_groups * G * MAX_TILE floats */
+    int img, y0, x0, rows, cols;
+} Tile;
+
+/* Most floats one register tile covers in any ISA (4 vectors of 16). */
+#define MAX_TILE 64
+
+/* x86 builds carry AVX2 and AVX-512 code paths, chosen at run time; elsewhere (or with
+ * -DSPARSECONV_PORTABLE_ONLY) only the portable one. */
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(SPARSECONV_PORTABLE_ONLY)
+#define SPARSECONV_X86 1
+#endif
+
+/* One compute function per instruction set; all compute the same thing. */
+void tile_scalar(const Tile *t);
+#ifdef SPARSECONV_X86
+void tile_avx2(const Tile *t);
+void tile_avx512(const Tile *t);
+#endif
+
+#endif
