@@ -1,0 +1,109 @@
+"""evaluate(): protocol on generated folders, and the published bicubic numbers on shared data."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from sparsesr.data.datasets import crop_to_multiple, make_lr
+from sparsesr.data.image_io import quantize, read_image, write_image
+from sparsesr.data.resize import imresize
+from sparsesr.errors import ConfigError
+from sparsesr.evaluate import bicubic_upscaler, evaluate
+from sparsesr.metrics import psnr, ssim
+
+SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def _image(channels: int, h: int, w: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(channels, h // 3, w // 3, generator=g, dtype=torch.float64)
+    return imresize(coarse, size=(h, w)).clamp(0, 1)
+
+
+@pytest.fixture
+def bench(tmp_path):
+    folder = tmp_path / "Tiny"
+    folder.mkdir()
+    write_image(folder / "rgb.png", _image(3, 38, 41, 1))
+    write_image(folder / "gray.png", _image(1, 40, 36, 2))
+    return folder
+
+
+def test_bicubic_scores_follow_the_protocol(bench):
+    results = evaluate(bicubic_upscaler(2), [bench], 2, progress=False, per_image=True)
+    assert set(results) == {"Tiny"}
+    entry = results["Tiny"]
+    assert entry["images"] == 2 and set(entry["per_image"]) == {"rgb", "gray"}
+
+    # Recompute each image by hand: crop, 8-bit bicubic LR, bicubic up, round, score.
+    for name, channels in (("rgb", 3), ("gray", 1)):
+        hr = quantize(crop_to_multiple(read_image(bench / f"{name}.png").pixels.double(), 2))
+        assert hr.shape[0] == channels
+        sr = quantize(imresize(make_lr(hr, 2), scale=2))
+        assert entry["per_image"][name]["psnr"] == pytest.approx(psnr(sr, hr, 2), abs=1e-9)
+        assert entry["per_image"][name]["ssim"] == pytest.approx(ssim(sr, hr, 2), abs=1e-9)
+    mean = sum(v["psnr"] for v in entry["per_image"].values()) / 2
+    assert entry["psnr"] == pytest.approx(mean)
+    assert 20 < entry["psnr"] < 60 and 0.5 < entry["ssim"] < 1
+
+
+def test_grayscale_is_fed_as_rgb_and_perfect_upscaler_scores_inf(bench):
+    hr_images = {p.stem: crop_to_multiple(read_image(p).pixels, 2) for p in bench.iterdir()}
+    shapes = []
+
+    def oracle(lr: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(lr.shape))
+        for hr in hr_images.values():  # return the matching HR, replicated to RGB
+            if hr.shape[-2:] == (lr.shape[-2] * 2, lr.shape[-1] * 2):
+                return hr.expand(3, -1, -1).unsqueeze(0)
+        raise AssertionError("no HR image of that size")
+
+    results = evaluate(oracle, [bench], 2, progress=False)
+    assert all(shape[:2] == (1, 3) for shape in shapes)
+    assert results["Tiny"]["psnr"] == math.inf
+    assert results["Tiny"]["ssim"] == pytest.approx(1.0)
+
+
+def test_wrong_output_size_and_duplicate_names_are_errors(bench, tmp_path):
+    with pytest.raises(ValueError, match="upscaler returned shape"):
+        evaluate(lambda lr: lr, [bench], 2, progress=False)
+    other = tmp_path / "elsewhere" / "Tiny"
+    other.mkdir(parents=True)
+    with pytest.raises(ConfigError):
+        evaluate(bicubic_upscaler(2), [bench, other], 2, progress=False)
+
+
+# Published bicubic values (research.md section 2): (PSNR, SSIM).
+PUBLISHED = {
+    2: {"Set5": (33.66, 0.9299), "Set14": (30.24, 0.8688), "BSD100": (29.56, 0.8431)},
+    4: {"Set5": (28.42, 0.8104), "Set14": (26.00, 0.7027), "BSD100": (25.96, 0.6675)},
+}
+
+
+def _check_published(scale: int, names: list[str]) -> None:
+    folders = {"Set5": SHARED_DATA / "val" / "Set5", "Set14": SHARED_DATA / "test" / "Set14", "BSD100": SHARED_DATA / "test" / "BSD100"}
+    results = evaluate(bicubic_upscaler(scale), [folders[n] for n in names], scale, progress=False)
+    for name in names:
+        want_psnr, want_ssim = PUBLISHED[scale][name]
+        # Published values are rounded to 2 / 4 decimals; allow that plus the brief's tolerance.
+        assert abs(results[name]["psnr"] - want_psnr) <= 0.05, (name, results[name])
+        assert abs(results[name]["ssim"] - want_ssim) <= 0.002, (name, results[name])
+
+
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not available")
+
+
+@needs_shared_data
+@pytest.mark.parametrize("scale", [2, 4])
+def test_bicubic_reproduces_published_set5(scale):
+    _check_published(scale, ["Set5"])  # a few seconds: the quick guard of the whole protocol
+
+
+@needs_shared_data
+@pytest.mark.slow
+@pytest.mark.parametrize("scale", [2, 4])
+def test_bicubic_reproduces_published_set14_bsd100(scale):
+    _check_published(scale, ["Set14", "BSD100"])

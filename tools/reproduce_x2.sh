@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The x2 pruning experiment of docs/results.md: dense parent, then magnitude and dup at several
+# sparsities with the same fine-tuning budget, then PSNR/SSIM on Set5, Set14, BSD100.
+#
+#   tools/reproduce_x2.sh [JOBS]     # JOBS runs in parallel, one torch thread each (default 2)
+#
+# Runs that already have model.safetensors are skipped, so the script can be re-run to resume.
+# Results land in runs/<name>/eval.json; tools/results_table.py turns them into docs/results.md.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${1:-2}
+DATA=../shared/data
+export OMP_NUM_THREADS=1
+
+train() {  # name config [overrides...]
+    local name=$1 config=$2; shift 2
+    [ -f "runs/$name/model.safetensors" ] && return 0
+    sparsesr train -q -c "$config" -o "runs/$name" --set train.threads=1 "$@" > "runs/$name.log" 2>&1
+}
+evaluate() {  # name
+    local name=$1
+    [ -f "runs/$name/eval.json" ] && return 0
+    sparsesr eval -q --json --model "runs/$name/model.safetensors" \
+        --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > "runs/$name/eval.json.tmp"
+    mv "runs/$name/eval.json.tmp" "runs/$name/eval.json"
+}
+export -f train evaluate
+export DATA
+mkdir -p runs
+
+mkdir -p runs/bicubic-x2
+[ -f runs/bicubic-x2/eval.json ] || sparsesr eval -q --json --model bicubic --scale 2 \
+    --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > runs/bicubic-x2/eval.json
+train dense-x2 configs/dense-x2.toml
+evaluate dense-x2
+
+# name config sparsity seed — the 90% rows twice (seeds 0 and 1), then the ablations of dup at 90%.
+cat > runs/x2-jobs.txt <<'JOBS'
+magnitude-x2-s90 configs/magnitude-x2.toml 0.9 0
+dup-x2-s90 configs/dup-x2.toml 0.9 0
+magnitude-x2-s75 configs/magnitude-x2.toml 0.75 0
+dup-x2-s75 configs/dup-x2.toml 0.75 0
+magnitude-x2-s50 configs/magnitude-x2.toml 0.5 0
+dup-x2-s50 configs/dup-x2.toml 0.5 0
+magnitude-x2-s90-seed1 configs/magnitude-x2.toml 0.9 1
+dup-x2-s90-seed1 configs/dup-x2.toml 0.9 1
+JOBS
+xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" && evaluate "$0"' < runs/x2-jobs.txt
