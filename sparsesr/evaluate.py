@@ -60,7 +60,7 @@ def score_pair(upscaler: Upscaler, lr: torch.Tensor, hr: torch.Tensor, scale: in
 
 def evaluate(
     upscaler: Upscaler,
-    folders: Iterable[str | os.PathLike],
+    folders: str | os.PathLike | Iterable[str | os.PathLike],
     scale: int,
     progress: bool = True,
     per_image: bool = False,
@@ -71,7 +71,7 @@ def evaluate(
     [1, 3, h*scale, w*scale] on any device. With ``per_image`` each entry also has
     ``"per_image": {name: {"psnr", "ssim"}}``.
     """
-    folders = [Path(f) for f in folders]
+    folders = [Path(folders)] if isinstance(folders, (str, os.PathLike)) else [Path(f) for f in folders]
     names = [f.name for f in folders]
     if len(set(names)) != len(names):
         raise ConfigError(f"evaluation folders must have distinct names, got {', '.join(names)}")
