@@ -17,15 +17,7 @@ from sparsesr.models import build_model
 from sparsesr.models.checkpoint import Checkpoint, save_checkpoint
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tests use tiny tensors: on a busy 2-core machine a second intra-op thread only adds
-    wake-up latency to every op (measured: export of EDSR-baseline 0.24 s with one thread,
-    17 s with two while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

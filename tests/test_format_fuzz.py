@@ -26,15 +26,7 @@ FUZZ = settings(max_examples=40, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tests use tiny tensors: on a busy 2-core machine a second intra-op thread only adds
-    wake-up latency to every op (measured: export of EDSR-baseline 0.24 s with one thread,
-    17 s with two while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _split(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -23,15 +23,7 @@ CPU_KERNEL = backends.unavailable_reason("cpu") is None
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tests use tiny tensors: on a busy 2-core machine a second intra-op thread only adds
-    wake-up latency to every op (measured: export of EDSR-baseline 0.24 s with one thread,
-    17 s with two while other jobs ran)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
