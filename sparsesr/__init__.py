@@ -9,3 +9,11 @@ def load(path, device: str = "auto", backend: str = "auto"):
     from sparsesr.runtime import load as _load
 
     return _load(path, device=device, backend=backend)
+
+
+def upscale(image, scale: float | None = 2, model=None, **options):
+    """Upscale a PIL image, a NumPy array (HWC uint8/uint16/float) or a tensor (CHW/NCHW float);
+    returns the same kind. See ``sparsesr.upscaling.upscale`` for ``model`` and ``options``."""
+    from sparsesr.upscaling import upscale as _upscale
+
+    return _upscale(image, scale=scale, model=model, **options)

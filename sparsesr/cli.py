@@ -186,6 +186,90 @@ def _print_layers(info: dict, as_json: bool) -> None:
 
 
 
+def _add_upscale(sub) -> None:
+    p = sub.add_parser(
+        "upscale",
+        help="upscale images (files, folders, globs) with a sparse model",
+        description="Upscale PNG, JPEG, WebP, BMP and TIFF images. Keeps alpha, grayscale, 16-bit depth, "
+        "ICC profile and EXIF; tiles large images with feathered overlaps; never overwrites inputs. "
+        "Under `torchrun --nproc_per_node N` the inputs are split across the ranks.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    p.add_argument("-o", "--output", help="output folder, or a file name when there is one input "
+                   "(default: next to each input)")
+    p.add_argument("-m", "--model", help="embedded model (x2, x4, fast; see `sparsesr models`), an exported "
+                   "file or a checkpoint (default: the embedded model for --scale)")
+    p.add_argument("-s", "--scale", help="output scale, any number; the model runs at its own scale and the "
+                   "result is resized (default: the model's own, 2 without --model)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
+                   help="compute type (auto: fp32 on CPU, fp16 on CUDA; falls back to fp32 where unsupported)")
+    p.add_argument("--backend", default="auto", choices=("auto", "sparse", "dense"),
+                   help="sparse kernels where faster (auto/sparse) or dense convolutions")
+    p.add_argument("--tile", type=int, default=0, help="tile size in input pixels (0: automatic from free memory)")
+    p.add_argument("--tile-pad", type=int, default=16, help="overlap between tiles, in input pixels (default: 16)")
+    p.add_argument("--alpha", default="bicubic", choices=("bicubic", "model"),
+                   help="how the alpha channel is upscaled (default: bicubic)")
+    p.add_argument("--suffix", help="added to each output's name (default: _x{scale}, e.g. photo_x2.png)")
+    p.add_argument("--ext", default="auto", choices=("auto", "png", "jpg", "webp", "tiff"),
+                   help="output format (auto: the input's own)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality (default: 95)")
+    p.add_argument("-r", "--recursive", action="store_true", help="walk folders recursively, mirroring the tree under -o")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument("--skip-existing", action="store_true", help="leave existing outputs alone (resume a batch)")
+    p.add_argument("--compare-dense", action="store_true",
+                   help="also time the images with dense convolutions and print both model times")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_upscale)
+
+
+def _run_upscale(args) -> int:
+    from sparsesr.upscaling import upscale_files
+
+    result = upscale_files(
+        args.inputs, args.output, model=args.model, scale=args.scale, device=args.device,
+        precision=args.precision, backend=args.backend, tile=args.tile, tile_pad=args.tile_pad,
+        alpha=args.alpha, suffix=args.suffix, ext=args.ext, recursive=args.recursive,
+        overwrite=args.overwrite, skip_existing=args.skip_existing, compare_dense=args.compare_dense,
+        quality=args.quality, quiet=args.quiet,
+    )
+    print(result.summary())
+    return 0 if result.ok else 1
+
+
+def _add_models(sub) -> None:
+    p = sub.add_parser(
+        "models",
+        help="list the embedded models",
+        description="List the models shipped with sparsesr (usable as `sparsesr upscale --model NAME`), "
+        "with sparsity, file size and PSNR read from each file.",
+    )
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=_run_models)
+
+
+def _run_models(args) -> int:
+    import json
+
+    from sparsesr.pretrained import list_models
+
+    rows = list_models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<6} {'scale':>5} {'sparsity':>8} {'size':>10} {'PSNR':<22} description")
+    for row in rows:
+        if not row["present"]:
+            print(f"{row['name']:<6} {row['scale']:>5} {'-':>8} {'-':>10} {'-':<22} {row['description']} "
+                  f"(not installed)")
+            continue
+        psnr = ", ".join(f"{k} {v:.2f}" for k, v in (row["psnr"] or {}).items()) or "-"
+        print(f"{row['name']:<6} {row['scale']:>5} {row['sparsity']:>8.1%} {row['size_bytes'] / 1024:>8.0f} KB "
+              f"{psnr:<22} {row['description']}")
+    return 0
+
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 _SUBCOMMANDS: list = []  # filled at the bottom of the file, in the order --help lists them
@@ -220,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 _SUBCOMMANDS.extend([_add_train, _add_eval, _add_prune, _add_export, _add_info])
+_SUBCOMMANDS.extend([_add_upscale, _add_models])
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,7 @@ from sparsesr.format import export
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
-from sparsesr.upscale import Upscaler, fill_transparent, upscale_files
+from sparsesr.upscaling import Upscaler, fill_transparent, upscale_files
 
 
 @pytest.fixture(scope="module")
