@@ -270,6 +270,40 @@ def _run_models(args) -> int:
 
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="time a model dense vs sparse on this machine",
+        description="Time one forward of MODEL with dense convolutions and with the sparse kernels "
+        "(warm-up, then alternating rounds; median, min and max), print the speedup and the file size "
+        "against dense fp32. The full benchmark suite is bench/run.sh (docs/performance.md).",
+    )
+    p.add_argument("model", metavar="MODEL", help="embedded model (x2, x4, fast), an exported file or a checkpoint")
+    p.add_argument("--size", type=int, default=128, help="input (LR) image side in pixels (default: 128)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's own, usually all cores)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "triton"),
+                   help="sparse path to time against dense (default: auto, each layer its faster path)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds of each (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
+    p.add_argument("--per-layer", action="store_true", help="also time every conv layer dense vs its path")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (top-level key `speedup`)")
+    p.set_defaults(func=_run_bench)
+
+
+def _run_bench(args) -> int:
+    import json
+
+    from sparsesr.benchmark import benchmark_model, format_result
+
+    result = benchmark_model(args.model, size=args.size, threads=args.threads, device=args.device,
+                             backend=args.backend, repeats=args.repeats, warmup=args.warmup,
+                             per_layer=args.per_layer)
+    print(json.dumps(result, indent=2) if args.json else format_result(result))
+    return 0
+
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 _SUBCOMMANDS: list = []  # filled at the bottom of the file, in the order --help lists them
@@ -305,6 +339,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _SUBCOMMANDS.extend([_add_train, _add_eval, _add_prune, _add_export, _add_info])
 _SUBCOMMANDS.extend([_add_upscale, _add_models])
+_SUBCOMMANDS.append(_add_bench)
 
 if __name__ == "__main__":
     sys.exit(main())

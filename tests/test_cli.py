@@ -12,7 +12,7 @@ from sparsesr.cli import build_parser, main
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 
-COMMANDS = ["train", "eval", "prune", "export", "info"]
+COMMANDS = ["train", "eval", "prune", "export", "info", "upscale", "models", "bench"]
 
 
 @pytest.fixture(scope="module")
