@@ -332,6 +332,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SparseSRError as exc:
         print(f"sparsesr {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file or folder the user named cannot be read or written
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"sparsesr {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"sparsesr {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -71,3 +71,12 @@ def test_garbage_files(tmp_path):
     torch.save({"head.0.weight": torch.zeros(3)}, tmp_path / "notedsr.pt")
     with pytest.raises(CheckpointError, match="not an EDSR"):
         load_checkpoint(tmp_path / "notedsr.pt")
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+
+    save_checkpoint(tmp_path / "m.safetensors", _small())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask

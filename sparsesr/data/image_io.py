@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from PIL import Image as PILImage
 
 from sparsesr.errors import ImageReadError, ImageWriteError
+from sparsesr.fileio import atomic_write_bytes
 
 __all__ = [
     "Image",
@@ -345,19 +345,7 @@ def write_image(
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to a temporary file next to ``path`` and move it into place."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        # os.open with mode 0o666 lets the umask decide permissions, as for a normal file.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise ImageWriteError(f"cannot write image {path}: {exc.strerror or exc}") from None

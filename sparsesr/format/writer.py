@@ -11,7 +11,7 @@ from torch import nn
 
 from sparsesr import __version__
 from sparsesr.errors import ConfigError
-from sparsesr.fileio import atomic_path, sha256_of
+from sparsesr.fileio import atomic_write_bytes, sha256_of
 from sparsesr.format import layouts
 from sparsesr.format.reader import parse_bytes
 from sparsesr.format.spec import (
@@ -73,8 +73,7 @@ def export(
     """
     data = export_bytes(source, dtype=dtype, layout=layout)
     summary = parse_bytes(data, source=str(out_path)).summary()
-    with atomic_path(out_path) as tmp:
-        tmp.write_bytes(data)
+    atomic_write_bytes(out_path, data)
     return ExportReport(path=str(out_path), layers=summary["layers"], sparsity=summary["sparsity"],
                         size_bytes=len(data), dense_fp32_bytes=summary["dense_fp32_bytes"])
 

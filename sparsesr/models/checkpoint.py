@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sparsesr.errors import CheckpointError, ConfigError
-from sparsesr.fileio import atomic_path
+from sparsesr.fileio import atomic_write_bytes
 from sparsesr.models import arch_of, model_from_config
 from sparsesr.models.edsr import EDSRConfig
 
@@ -39,13 +39,13 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict | 
     ``metadata`` values may be any JSON-serialisable objects; they come back from
     ``load_checkpoint`` as the same objects.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     config: EDSRConfig = model.config
     meta = {"format": CHECKPOINT_FORMAT, "arch": arch_of(config), "config": config.to_dict(), **(metadata or {})}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
+    # safetensors' save_file creates files readable by the owner only: write the bytes ourselves.
+    atomic_write_bytes(path, save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
