@@ -32,7 +32,7 @@ mkdir -p runs/bicubic-x2
 [ -f runs/bicubic-x2/eval.json ] || sparsesr eval -q --json --model bicubic --scale 2 \
     --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > runs/bicubic-x2/eval.json
 train dense-x2 configs/dense-x2.toml
-evaluate dense-x2
+evaluate dense-x2 &  # overlaps the first pruning runs
 
 # name config sparsity seed — the 90% rows twice (seeds 0 and 1), then the ablations of dup at 90%.
 cat > runs/x2-jobs.txt <<'JOBS'
@@ -46,3 +46,4 @@ magnitude-x2-s90-seed1 configs/magnitude-x2.toml 0.9 1
 dup-x2-s90-seed1 configs/dup-x2.toml 0.9 1
 JOBS
 xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" && evaluate "$0"' < runs/x2-jobs.txt
+wait
