@@ -138,6 +138,8 @@ def _add_info(sub) -> None:
     p.add_argument("file", help="a checkpoint or an exported sparse model file")
     p.add_argument("--json", action="store_true", help="print JSON (top-level 'sparsity' over the pruned layers)")
     p.add_argument("--runtime", action="store_true", help="also load the model and show which backend each layer runs on")
+    p.add_argument("--backend", default="auto", choices=("auto", "triton", "cpu", "dense"),
+                   help="with --runtime: force every layer onto this backend (default: auto, per layer)")
     p.set_defaults(func=_run_info)
 
 
@@ -150,7 +152,7 @@ def _run_info(args) -> int:
 
         from sparsesr.runtime import load
 
-        model = load(args.file)
+        model = load(args.file, backend=args.backend)
         with torch.no_grad():  # the path each layer takes is decided when it first runs
             model(torch.rand(1, 3, 32, 32))
         info["runtime"] = model.backend_report()

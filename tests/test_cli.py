@@ -69,6 +69,21 @@ def test_prune_info_export_flow(tmp_path, checkpoint, capsys):
     assert abs(report["sparsity"] - 0.75) < 1e-3 and report["size_bytes"] < report["dense_fp32_bytes"]
     assert main(["info", str(exported)]) == 0
     assert "sparsity over pruned layers: 0.75" in capsys.readouterr().out
+    assert main(["info", str(exported), "--runtime", "--backend", "dense"]) == 0
+    runtime_rows = capsys.readouterr().out.split("runtime (path")[1].splitlines()
+    assert any(row.split()[:3] == ["body.0.body.0", "csr", "dense"] for row in runtime_rows if row.strip())
+
+
+def test_eval_exported_file_matches_its_checkpoint(tmp_path, images, checkpoint, capsys):
+    pruned, exported = tmp_path / "p.safetensors", tmp_path / "e.safetensors"
+    assert main(["prune", str(checkpoint), "--sparsity", "0.5", "-o", str(pruned)]) == 0
+    assert main(["export", str(pruned), "-o", str(exported)]) == 0
+    capsys.readouterr()
+    scores = []
+    for model in (pruned, exported):
+        assert main(["eval", "--model", str(model), "--data", str(images), "--json", "-q"]) == 0
+        scores.append(json.loads(capsys.readouterr().out)[images.name]["psnr"])
+    assert abs(scores[0] - scores[1]) < 1e-3
 
 
 def _run(*args):
