@@ -92,6 +92,8 @@ def export_bytes(source: str | os.PathLike | Checkpoint, dtype: str = "fp32", la
         ckpt = load_checkpoint(source)
         provenance = {"source": Path(source).name, "source_sha256": sha256_of(source)}
     provenance.update(_pruning_provenance(ckpt.metadata.get("pruning")), exporter=f"sparsesr {__version__}")
+    if "quality" in ckpt.metadata:  # measured scores recorded in the checkpoint (tools/ship_models.py)
+        provenance["quality"] = ckpt.metadata["quality"]
 
     model = model_from_config(ckpt.config)
     load_state_dict_strict(model, ckpt.state_dict, source=str(provenance["source"] or "checkpoint"))
