@@ -2,8 +2,9 @@
 
     python -m pytest bench/test_bench_memory.py --benchmark-only
 
-``sparsesr.benchmark.peak_memory`` runs the forward in a child process and reports its peak RSS
-(``ru_maxrss``) before and after the forward, and on CUDA ``torch.cuda.max_memory_allocated``.
+``sparsesr.benchmark.peak_memory`` runs the forward in a child process and reports its RSS before
+the forward and the peak RSS during it (Linux: the peak is reset just before the forward), and on
+CUDA ``torch.cuda.max_memory_allocated``.
 The dense child loads the pruned checkpoint as a plain ``nn.Module``; the sparse child loads the
 exported file (``backend="auto"``, so it includes the CPU kernel's one-time weight packing and
 dispatch calibration). The timed call is the sparse child process, start-up included: it is
@@ -22,7 +23,7 @@ from sparsesr.pruning import one_shot_prune
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CASES = bench_grid(
-    [("edsr-baseline", 128, 0.9, "1x1"), ("edsr-baseline", 128, 0.9, "4x1")],
+    [("edsr-baseline", 128, 0.9, "1x1"), ("edsr-baseline", 128, 0.9, "4x1"), ("edsr-baseline", 256, 0.9, "1x1")],
     [(a, z, s, p) for a in ("edsr-cpu", "edsr-baseline", "edsr") for z in (128, 256)
      for s in (0.5, 0.9, 0.95) for p in ("1x1", "4x1")],
 )

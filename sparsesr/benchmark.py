@@ -244,10 +244,33 @@ import torch
 args = json.loads(sys.argv[1])
 if args["threads"]:
     torch.set_num_threads(args["threads"])
-unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
 
-def peak_rss():
+
+def reset_peak_rss():
+    # Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so the peak read after the
+    # forward is the forward's own, not the import-time high-water mark of the libraries.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def rss(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(field)
+
+
+def peak_rss(resettable):
+    if resettable:
+        return rss("VmHWM")
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+
 
 device = torch.device(args["device"])
 if args["kind"] == "sparse":
@@ -257,14 +280,16 @@ else:
     from sparsesr.models.checkpoint import load_model
     model = load_model(args["path"]).to(device)
 x = torch.rand(1, 3, args["size"], args["size"], device=device)
-before = peak_rss()
+resettable = reset_peak_rss()
+before = rss("VmRSS") if resettable else peak_rss(False)
 if device.type == "cuda":
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     cuda_before = torch.cuda.memory_allocated(device)
 with torch.no_grad():
     y = model(x)
-result = {"rss_before_bytes": before, "rss_peak_bytes": peak_rss(), "output_shape": list(y.shape)}
+result = {"rss_before_bytes": before, "rss_peak_bytes": peak_rss(resettable), "output_shape": list(y.shape),
+          "peak_reset": resettable}
 if device.type == "cuda":
     torch.cuda.synchronize(device)
     result["cuda_before_bytes"] = cuda_before
@@ -278,10 +303,12 @@ def peak_memory(path: str | os.PathLike, size: int = 128, device: str = "cpu", b
     """Peak memory of one forward of the model in ``path``, measured in a fresh Python process.
 
     ``path`` is an exported sparse file (run with ``backend``) or a dense checkpoint (plain
-    PyTorch eager). A child process is used because ``ru_maxrss`` only ever grows: in this
-    process it would remember every earlier allocation. Returns ``rss_before_bytes`` (after
-    imports and loading), ``rss_peak_bytes`` and ``forward_rss_bytes`` (their difference: what the
-    forward added); on CUDA also ``cuda_peak_bytes`` (``torch.cuda.max_memory_allocated``).
+    PyTorch eager). A fresh process, because the peak RSS only ever grows: in this process it
+    would remember every earlier allocation. On Linux the child also resets its peak just before
+    the forward (``/proc/self/clear_refs``; ``peak_reset`` says whether that worked), because the
+    import of torch alone peaks above a small model's whole forward. Returns ``rss_before_bytes``
+    (after imports and loading), ``rss_peak_bytes`` and ``forward_rss_bytes`` (their difference:
+    what the forward added); on CUDA also ``cuda_peak_bytes`` (``torch.cuda.max_memory_allocated``).
     """
     from sparsesr.format import is_sparse_model_file
 

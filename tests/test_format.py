@@ -434,3 +434,18 @@ def test_exported_file_is_not_a_training_checkpoint(tmp_path, exported):
     (tmp_path / "m.safetensors").write_bytes(exported)
     with pytest.raises(CheckpointError, match="exported sparse model"):
         load_checkpoint(tmp_path / "m.safetensors")
+
+
+def test_reading_a_file_on_the_cpu_does_not_import_triton(tmp_path):
+    # The reader builds the model on the meta device; any tensor arithmetic there makes torch
+    # import triton (~150 MB of RSS and seconds of start-up for every `sparsesr upscale`).
+    import subprocess
+    import sys
+
+    path = tmp_path / "m.sparsesr.safetensors"
+    export(Checkpoint(state_dict=build_model("edsr-cpu", 2).state_dict(), arch="edsr-cpu",
+                      config=build_model("edsr-cpu", 2).config), path)
+    code = ("import sys; from sparsesr.runtime import load; m = load(sys.argv[1], device='cpu'); "
+            "print('triton' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

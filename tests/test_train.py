@@ -115,3 +115,24 @@ def test_pruned_training_resumes_with_identical_masks(tmp_path, image_folder, mo
     # exact zeros are baked into the saved weights
     body = a.state_dict["body.0.body.0.weight"]
     assert 0 < (body == 0).float().mean() < 1
+
+
+def test_init_from_another_scale_keeps_everything_but_the_upsampler(tmp_path, image_folder):
+    # x4 from x2: head, body and last conv start from the x2 weights; the upsampler is new.
+    train(_config(image_folder, "train.iterations=2"), tmp_path / "x2", progress=False)
+    parent = load_checkpoint(tmp_path / "x2" / "model.safetensors").state_dict
+    cfg = _config(image_folder, "train.iterations=2", "model.scale=4", f"model.init={tmp_path / 'x2' / 'model.safetensors'}")
+
+    model, meta = train_loop._initial_model(cfg)
+    start = model.state_dict()
+    for key, value in parent.items():
+        if not key.startswith("tail.0."):
+            assert torch.equal(start[key], value), key
+    assert start["tail.0.0.weight"].shape == parent["tail.0.0.weight"].shape
+    assert not torch.equal(start["tail.0.0.weight"], parent["tail.0.0.weight"])
+    assert "tail.0.2.weight" in start  # x4 has a second upsampling stage
+    assert meta["init"]["transferred_from_scale"] == 2
+
+    train(cfg, tmp_path / "x4", progress=False)
+    ckpt = load_checkpoint(tmp_path / "x4" / "model.safetensors")
+    assert ckpt.config.scale == 4 and ckpt.metadata["init"]["transferred_from_scale"] == 2

@@ -15,6 +15,14 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.model.init == "x.safetensors"
 
 
+def test_none_override_restores_the_default(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[prune]\nmethod = "dup"\nsparsity = 0.9\nshrink = 0.98\n')
+    cfg = load_config(path, ["prune.shrink=none", "model.init=None"])
+    assert cfg.prune == {"method": "dup", "sparsity": 0.9}
+    assert cfg.model.init is None
+
+
 @pytest.mark.parametrize(
     "text, overrides, match",
     [

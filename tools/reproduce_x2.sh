@@ -34,16 +34,21 @@ mkdir -p runs/bicubic-x2
 train dense-x2 configs/dense-x2.toml
 evaluate dense-x2 &  # overlaps the first pruning runs
 
-# name config sparsity seed — the 90% rows twice (seeds 0 and 1), then the ablations of dup at 90%.
+# name config sparsity seed [extra overrides] — the 90% rows twice (seeds 0 and 1), then the
+# ablations of dup at 90%: each part of "balanced learning" (layer balance, soft shrinkage) switched
+# off in turn, and regrowth switched off.
 cat > runs/x2-jobs.txt <<'JOBS'
 magnitude-x2-s90 configs/magnitude-x2.toml 0.9 0
 dup-x2-s90 configs/dup-x2.toml 0.9 0
 magnitude-x2-s75 configs/magnitude-x2.toml 0.75 0
 dup-x2-s75 configs/dup-x2.toml 0.75 0
-magnitude-x2-s50 configs/magnitude-x2.toml 0.5 0
-dup-x2-s50 configs/dup-x2.toml 0.5 0
 magnitude-x2-s90-seed1 configs/magnitude-x2.toml 0.9 1
 dup-x2-s90-seed1 configs/dup-x2.toml 0.9 1
+magnitude-x2-s50 configs/magnitude-x2.toml 0.5 0
+dup-x2-s50 configs/dup-x2.toml 0.5 0
+dup-x2-s90-nobalance configs/dup-x2.toml 0.9 0 --set prune.balance=uniform --set prune.min_density=0
+dup-x2-s90-noshrink configs/dup-x2.toml 0.9 0 --set prune.shrink=none
+dup-x2-s90-noregrow configs/dup-x2.toml 0.9 0 --set prune.regrow=false
 JOBS
-xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" && evaluate "$0"' < runs/x2-jobs.txt
+xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" "${@:4}" && evaluate "$0"' < runs/x2-jobs.txt
 wait

@@ -61,9 +61,11 @@ class MeanShift(nn.Module):
     def __init__(self, rgb_range: float, sign: int, mean: tuple[float, ...] = DIV2K_RGB_MEAN) -> None:
         super().__init__()
         n = len(mean)
-        # zeros + diagonal, not torch.eye: eye is slow on the meta device, where files are checked
-        self.register_buffer("weight", torch.zeros(n, n).fill_diagonal_(1).view(n, n, 1, 1))
-        self.register_buffer("bias", sign * rgb_range * torch.tensor(mean))
+        # Built from Python numbers with no tensor arithmetic: the format reader builds models on
+        # the meta device, where the first arithmetic op makes torch import triton (~150 MB, seconds).
+        eye = [[[[1.0 if i == j else 0.0]] for j in range(n)] for i in range(n)]
+        self.register_buffer("weight", torch.tensor(eye))
+        self.register_buffer("bias", torch.tensor([sign * rgb_range * m for m in mean]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight, self.bias)

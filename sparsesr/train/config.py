@@ -125,11 +125,18 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
 
 
 def apply_override(raw: dict, item: str) -> None:
-    """Apply ``section.key=value`` where value is a TOML value (bare strings are allowed)."""
+    """Apply ``section.key=value`` where value is a TOML value (bare strings are allowed).
+
+    ``section.key=none`` removes the key, so the field falls back to its default (TOML has no null;
+    this is how an optional setting such as ``prune.shrink`` is switched off from the command line).
+    """
     key, sep, text = item.partition("=")
     parts = key.strip().split(".")
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.iterations=500")
+    if text.strip().lower() == "none":
+        raw.get(parts[0], {}).pop(parts[1], None)
+        return
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:

@@ -14,6 +14,7 @@ Files written to ``out_dir`` (all atomically):
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -183,11 +184,19 @@ def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
         sizes = {k: v for k in ("n_resblocks", "n_feats") if (v := getattr(cfg.model, k)) is not None}
         return build_model(cfg.model.arch, cfg.model.scale, **sizes), {}
     ckpt = load_checkpoint(cfg.model.init)
-    if ckpt.config.scale != cfg.model.scale:
-        raise ConfigError(f"model.init {cfg.model.init} is a x{ckpt.config.scale} model, but model.scale is {cfg.model.scale}")
-    model = model_from_config(ckpt.config)
-    load_state_dict_strict(model, ckpt.state_dict, source=cfg.model.init)
-    return model, {"init": {"path": str(cfg.model.init), "sha256": sha256_of(cfg.model.init)}}
+    init = {"path": str(cfg.model.init), "sha256": sha256_of(cfg.model.init)}
+    if ckpt.config.scale == cfg.model.scale:
+        model = model_from_config(ckpt.config)
+        load_state_dict_strict(model, ckpt.state_dict, source=cfg.model.init)
+        return model, {"init": init}
+    # A model of another scale shares everything but the upsampler (the usual way to start x4
+    # from x2): load those weights and leave the new upsampler freshly initialised.
+    model = model_from_config(dataclasses.replace(ckpt.config, scale=cfg.model.scale))
+    fresh = {k: v for k, v in model.state_dict().items() if k.startswith("tail.0.")}
+    load_state_dict_strict(model, {**{k: v for k, v in ckpt.state_dict.items() if not k.startswith("tail.0.")}, **fresh},
+                           source=cfg.model.init)
+    init["transferred_from_scale"] = ckpt.config.scale
+    return model, {"init": init}
 
 
 def _build_pruner(model: nn.Module, options: dict):

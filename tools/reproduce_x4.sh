@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The x4 model of docs/results.md: started from the x2 dense parent (tools/reproduce_x2.sh makes it)
+# and pruned with dup to 75% while it learns x4; then bicubic and the model on Set5, Set14, BSD100.
+#
+#   tools/reproduce_x4.sh            # one torch thread; finished steps are skipped
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=../shared/data
+SETS=("$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100")
+export OMP_NUM_THREADS=1
+mkdir -p runs/bicubic-x4
+
+[ -f runs/bicubic-x4/eval.json ] || sparsesr eval -q --json --model bicubic --scale 4 --data "${SETS[@]}" \
+    > runs/bicubic-x4/eval.json
+[ -f runs/dup-x4-s75/model.safetensors ] || sparsesr train -q -c configs/dup-x4.toml -o runs/dup-x4-s75 \
+    --set train.threads=1 > runs/dup-x4-s75.log 2>&1
+[ -f runs/dup-x4-s75/eval.json ] || {
+    sparsesr eval -q --json --model runs/dup-x4-s75/model.safetensors --data "${SETS[@]}" > runs/dup-x4-s75/eval.json.tmp
+    mv runs/dup-x4-s75/eval.json.tmp runs/dup-x4-s75/eval.json
+}
