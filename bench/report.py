@@ -149,6 +149,47 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def headline(results: dict, stem: str, results_dir: str = "bench/results") -> str:
+    """The short table README shows: whole models and the 64->64 layer at 90 % / 95 %."""
+    info = results["machine_info"]
+    cpu = (info.get("cpu") or {}).get("brand_raw", "unknown CPU")
+    threads = ", ".join(str(t) for t in sorted({r["threads"] for r in results["rows"] if "threads" in r})) or "-"
+    commit = (results.get("commit_info") or {}).get("id", "")[:10] or "?"
+    picked = [r for r in results["rows"] if r["sparsity"] in (0.9, 0.95) and (
+        r["suite"] == "model" or (r["suite"] == "layer" and r["layer"] == "64to64_3x3"))]
+    picked.sort(key=lambda r: (r["suite"] != "model", r.get("arch", ""), r["size"], r["pattern"], r["sparsity"]))
+    what = lambda r: (f"{r['arch']} ×{r['scale']} (whole model)" if r["suite"] == "model"  # noqa: E731
+                      else "one 3×3 64→64 conv")
+    table = _table(picked, [
+        ("network", what), ("input", lambda r: f"{r['size']}²"), ("pattern", lambda r: r["pattern"]),
+        ("sparsity", _pct("sparsity")), ("PyTorch dense ms", _ms("dense_ms")), ("sparsesr ms", _ms("sparse_ms")),
+        ("speedup", _x("speedup")), ("FLOP ideal", lambda r: f"{ideal_speedup(r['sparsity']):.0f}×"),
+    ])
+    return "\n".join([
+        README_START,
+        f"Measured by `bench/run.sh` on {results['machine']} ({cpu}, {threads} torch threads), {results['date']}, "
+        f"commit {commit}; random magnitude-pruned weights, fp32, CPU kernel vs PyTorch eager in the same run. "
+        f"All tables: [`{results_dir}/{stem}.md`]({results_dir}/{stem}.md).",
+        "",
+        table,
+        "",
+        f"![speedup against sparsity]({results_dir}/{stem}-speedup.png)",
+        README_END,
+    ])
+
+
+def update_readme(readme: Path, block: str) -> None:
+    """Replace the text between the bench markers of ``readme`` with ``block``."""
+    text = readme.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise ValueError(f"{readme}: no {README_START} ... {README_END} block to replace")
+    readme.write_text(text[:start] + block + text[end + len(README_END):])
+
+
 def _config(row: dict) -> str:
     if row["suite"] == "layer":
         return f"{row['layer']} {row['size']}² {row['pattern']}"
@@ -225,8 +266,10 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path = "bench/results", machine: str | None = None,
-                 plots: bool = True) -> list[Path]:
-    """Read the raw JSON files, write the summary JSON, the Markdown and the plots; return their paths."""
+                 plots: bool = True, readme: str | Path | None = None) -> list[Path]:
+    """Read the raw JSON files, write the summary JSON, the Markdown and the plots; return their paths.
+
+    With ``readme``, also put the headline table (``headline``) between its bench markers."""
     results = load_results(paths, machine)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -234,7 +277,11 @@ def write_report(paths: list[str | Path], out_dir: str | Path = "bench/results",
     json_path, md_path = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md_path.write_text(markdown(results))
-    return [json_path, md_path] + (plot(results, out_dir, stem) if plots else [])
+    written = [json_path, md_path] + (plot(results, out_dir, stem) if plots else [])
+    if readme:
+        update_readme(Path(readme), headline(results, stem))
+        written.append(Path(readme))
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -243,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     parser.add_argument("--machine", help="machine name in the file names (default: the recorded host name)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument("--readme", help="also update the headline table between the bench markers of this file")
     args = parser.parse_args(argv)
-    for path in write_report(args.raw, args.out, args.machine, plots=not args.no_plots):
+    for path in write_report(args.raw, args.out, args.machine, plots=not args.no_plots, readme=args.readme):
         print(path)
     return 0
 

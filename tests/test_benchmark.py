@@ -176,3 +176,31 @@ def test_report_plots_and_cli(tmp_path, capsys):
 def test_report_needs_input():
     with pytest.raises(ValueError, match="no pytest-benchmark"):
         _report_module().load_results([])
+
+
+def test_report_updates_the_readme_block(tmp_path):
+    report = _report_module()
+    raw, readme = tmp_path / "raw.json", tmp_path / "README.md"
+    raw.write_text(json.dumps(_fake_raw()))
+    readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nrest\n")
+    report.write_report([raw], tmp_path / "results", plots=False, readme=readme)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old table" not in text
+    assert "| one 3×3 64→64 conv | 128² | 4x1 | 90% | 40.00 | 10.00 | 4.00× | 10× |" in text
+    assert "| edsr-baseline ×2 (whole model) | 128² | 1x1 | 95% | 300.00 | 75.00 | 4.00× | 20× |" in text
+    assert "50%" not in text  # only the 90 % / 95 % rows
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="bench:start"):
+        report.update_readme(readme, "x")
+
+
+def test_readme_table_matches_the_committed_results():
+    # README's numbers must be the ones in the newest committed bench/results JSON.
+    results_dir = REPORT_PY.parent / "results"
+    summaries = sorted(p for p in results_dir.glob("*.json") if not p.name.startswith("raw-"))
+    if not summaries:
+        pytest.skip("no committed benchmark results")
+    newest = max(summaries, key=lambda p: p.stem[-10:])
+    report = _report_module()
+    block = report.headline(json.loads(newest.read_text()), newest.stem)
+    assert block in (REPORT_PY.parents[1] / "README.md").read_text()
