@@ -3,8 +3,9 @@
     python tools/results_table.py [--runs runs] [--out docs]
 
 Reads runs/<name>/eval.json (from `sparsesr eval --json`), runs/<name>/model.safetensors
-(sparsity from the weights themselves) and runs/<name>/log.jsonl (wall time); prints a Markdown
-table and writes docs/results-x2.json and docs/results-x2.png (PSNR on each set against sparsity).
+(sparsity from the weights themselves, the parent from its ``init`` metadata) and
+runs/<name>/log.jsonl (wall time); prints one Markdown table per (scale, dense parent) and writes
+docs/results-x<scale>.json and .png (PSNR on each set against sparsity).
 """
 from __future__ import annotations
 
@@ -17,28 +18,48 @@ SETS = ("Set5", "Set14", "BSD100")
 
 
 def collect(runs: Path) -> list[dict]:
+    """One row per runs/<name>/eval.json: scores, method, sparsity, seed, variant, parent, scale, time."""
     from sparsesr.inspect import describe_model_file
+    from sparsesr.models.checkpoint import load_checkpoint
 
     rows = []
-    for eval_json in sorted(runs.glob("*-x2*/eval.json")):
+    for eval_json in sorted(runs.glob("*/eval.json")):
         name = eval_json.parent.name
         scores = json.loads(eval_json.read_text())
-        row = {"name": name, "scores": {s: scores[s] for s in SETS if s in scores}}
+        row = {"name": name, "scores": {s: scores[s] for s in SETS if s in scores}, "variant": None, "parent": None}
         model = eval_json.parent / "model.safetensors"
         if name.startswith("bicubic"):
-            row.update(method="bicubic", sparsity=0.0, seed=None)
+            row.update(method="bicubic", sparsity=0.0, seed=None, scale=int(re.search(r"x(\d)", name).group(1)))
         else:
             info = describe_model_file(model)
             pruning = info.get("pruning") or {}
             method = pruning.get("method") or (pruning.get("config") or {}).get("method") or "dense"
             seed = re.search(r"seed(\d+)", name)
-            row.update(method=method, sparsity=info["sparsity"], seed=int(seed.group(1)) if seed else 0)
+            # an ablation's name ends in what it switched off: dup-x2-s90-noshrink
+            variant = re.search(r"-s\d+(?:-seed\d+)?-(no\w+)$", name)
+            init = load_checkpoint(model).metadata.get("init") or {}
+            row.update(method=method, sparsity=info["sparsity"], seed=int(seed.group(1)) if seed else 0,
+                       scale=info["scale"], variant=variant.group(1) if variant else None,
+                       parent=Path(init["path"]).parent.name if init.get("path") else None)
         log = eval_json.parent / "log.jsonl"
         times = [json.loads(line).get("time") for line in log.read_text().splitlines()] if log.is_file() else []
         row["seconds"] = max((t for t in times if t is not None), default=None)
         rows.append(row)
     order = {"bicubic": 0, "dense": 1}
-    return sorted(rows, key=lambda r: (order.get(r["method"], 2), round(r["sparsity"], 2), r["method"], r["seed"] or 0))
+    return sorted(rows, key=lambda r: (r["scale"], order.get(r["method"], 2), round(r["sparsity"], 2), r["method"],
+                                       r["variant"] or "", r["seed"] or 0))
+
+
+def experiments(rows: list[dict]) -> dict[tuple[int, str], list[dict]]:
+    """Rows grouped by (scale, dense parent): bicubic, the parent itself, then what was pruned from it."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        if r["parent"] is not None and r["method"] != "dense":  # a dense row's parent is only its start
+            groups.setdefault((r["scale"], r["parent"]), [])
+    for (scale, parent), members in groups.items():
+        members += [r for r in rows if r["scale"] == scale and (r["method"] == "bicubic" or r["name"] == parent
+                                                                 or r["parent"] == parent)]
+    return groups
 
 
 def markdown(rows: list[dict]) -> str:
@@ -51,32 +72,46 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{sc['psnr']:.2f} / {sc['ssim']:.4f}" if sc else "—")
         seconds = f"{r['seconds'] / 60:.0f} min" if r["seconds"] else "—"
         seed = "—" if r["seed"] is None else str(r["seed"])
-        lines.append(f"| {r['name']} | {r['method']} | {r['sparsity']:.3f} | {seed} | " + " | ".join(cells) + f" | {seconds} |")
+        method = r["method"] + (f" ({r['variant']})" if r["variant"] else "")
+        lines.append(f"| {r['name']} | {method} | {r['sparsity']:.3f} | {seed} | " + " | ".join(cells) + f" | {seconds} |")
     return "\n".join(lines)
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """PSNR against sparsity per test set: a line per (parent, method), ablations as single markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(SETS), figsize=(4 * len(SETS), 3.4))
+    fig, axes = plt.subplots(1, len(SETS), figsize=(4.4 * len(SETS), 3.8))
+    parents = sorted({r["parent"] for r in rows if r["parent"] and r["method"] != "dense"})
     for ax, s in zip(axes, SETS):
-        for method, style in (("magnitude", "o-"), ("dup", "s-")):
-            pts = sorted((r["sparsity"], r["scores"][s]["psnr"]) for r in rows if r["method"] == method and s in r["scores"])
-            if pts:
-                ax.plot(*zip(*pts), style, label=method)
-        for method, color in (("dense", "k"), ("bicubic", "gray")):
+        for i, parent in enumerate(parents):
+            for method, style in (("magnitude", "o-"), ("dup", "s-"), ("gmp", "^-")):
+                by_sparsity: dict[float, list[float]] = {}
+                for r in rows:
+                    if r["parent"] == parent and r["method"] == method and not r["variant"] and s in r["scores"]:
+                        by_sparsity.setdefault(round(r["sparsity"], 3), []).append(r["scores"][s]["psnr"])
+                if by_sparsity:  # seeds averaged
+                    pts = sorted((k, sum(v) / len(v)) for k, v in by_sparsity.items())
+                    ax.plot(*zip(*pts), style, alpha=1.0 if i == len(parents) - 1 else 0.5,
+                            label=f"{method} (from {parent})")
             for r in rows:
-                if r["method"] == method and s in r["scores"]:
-                    ax.axhline(r["scores"][s]["psnr"], color=color, ls="--", lw=1, label=method)
-                    break
-        ax.set_title(f"{s} (x2)")
+                if r["name"] == parent and s in r["scores"]:
+                    ax.axhline(r["scores"][s]["psnr"], color="k", ls="--", lw=1, alpha=0.4 + 0.6 * (i == len(parents) - 1),
+                               label=f"dense {parent}")
+        for r in rows:
+            if r["variant"] and s in r["scores"]:
+                ax.plot(r["sparsity"], r["scores"][s]["psnr"], "x", ms=8, label=f"dup, {r['variant']} ({r['parent']})")
+        for r in rows:
+            if r["method"] == "bicubic" and s in r["scores"]:
+                ax.axhline(r["scores"][s]["psnr"], color="gray", ls=":", lw=1, label="bicubic")
+        ax.set_title(f"{s} (x{rows[0]['scale']})")
         ax.set_xlabel("sparsity of pruned layers")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("PSNR (Y) dB")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -87,9 +122,14 @@ def main() -> None:
     parser.add_argument("--out", default="docs", type=Path)
     args = parser.parse_args()
     rows = collect(args.runs)
-    (args.out / "results-x2.json").write_text(json.dumps(rows, indent=2))
-    plot(rows, args.out / "results-x2.png")
-    print(markdown(rows))
+    for scale in sorted({r["scale"] for r in rows}):
+        scaled = [r for r in rows if r["scale"] == scale]
+        (args.out / f"results-x{scale}.json").write_text(json.dumps(scaled, indent=2) + "\n")
+        if any(r["parent"] and r["method"] != "dense" for r in scaled):
+            plot(scaled, args.out / f"results-x{scale}.png")
+    for (scale, parent), members in experiments(rows).items():
+        print(f"\n### x{scale}, pruned from {parent}\n")
+        print(markdown(members))
 
 
 if __name__ == "__main__":
