@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from collections import defaultdict
@@ -266,10 +267,10 @@ def plot(results: dict, out_dir: Path, stem: str) -> list[Path]:
 
 
 def write_report(paths: list[str | Path], out_dir: str | Path = "bench/results", machine: str | None = None,
-                 plots: bool = True, readme: str | Path | None = None) -> list[Path]:
+                 plots: bool = True, readme: list[str | Path] = ()) -> list[Path]:
     """Read the raw JSON files, write the summary JSON, the Markdown and the plots; return their paths.
 
-    With ``readme``, also put the headline table (``headline``) between its bench markers."""
+    Also put the headline table (``headline``) between the bench markers of each file in ``readme``."""
     results = load_results(paths, machine)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -278,9 +279,9 @@ def write_report(paths: list[str | Path], out_dir: str | Path = "bench/results",
     json_path.write_text(json.dumps(results, indent=1) + "\n")
     md_path.write_text(markdown(results))
     written = [json_path, md_path] + (plot(results, out_dir, stem) if plots else [])
-    if readme:
-        update_readme(Path(readme), headline(results, stem))
-        written.append(Path(readme))
+    for path in readme:  # links relative to the page, so they work on GitHub from docs/ too
+        update_readme(Path(path), headline(results, stem, Path(os.path.relpath(out_dir, Path(path).parent)).as_posix()))
+        written.append(Path(path))
     return written
 
 
@@ -290,7 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"), help="output folder")
     parser.add_argument("--machine", help="machine name in the file names (default: the recorded host name)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    parser.add_argument("--readme", help="also update the headline table between the bench markers of this file")
+    parser.add_argument("--readme", action="append", default=[],
+                        help="also update the headline table between the bench markers of this file (repeatable)")
     args = parser.parse_args(argv)
     for path in write_report(args.raw, args.out, args.machine, plots=not args.no_plots, readme=args.readme):
         print(path)

@@ -23,4 +23,4 @@ mkdir -p bench/results
 python -m pytest bench/test_bench_layers.py bench/test_bench_model.py bench/test_bench_size.py \
     bench/test_bench_memory.py --benchmark-only --benchmark-json="$raw" --benchmark-columns=median,rounds \
     --benchmark-sort=name -rs -q -p no:cacheprovider "$@"
-python bench/report.py "$raw" --machine "$machine" --readme README.md
+python bench/report.py "$raw" --machine "$machine" --readme README.md --readme docs/performance.md

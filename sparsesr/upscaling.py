@@ -414,8 +414,6 @@ def output_extension(source: Path, ext: str, image: Image | None = None) -> str:
     if image is not None:
         if own in (".bmp",) and image.has_alpha:
             return ".png"  # BMP output would lose the alpha channel
-        if own in (".tif", ".tiff") and image.bit_depth == 16 and image.mode != "L":
-            return ".png"  # write_image writes 16-bit TIFF for grayscale only
     return own
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_report_updates_the_readme_block(tmp_path):
     raw, readme = tmp_path / "raw.json", tmp_path / "README.md"
     raw.write_text(json.dumps(_fake_raw()))
     readme.write_text(f"intro\n{report.README_START}\nold table\n{report.README_END}\nrest\n")
-    report.write_report([raw], tmp_path / "results", plots=False, readme=readme)
+    report.write_report([raw], tmp_path / "results", plots=False, readme=[readme])
     text = readme.read_text()
     assert text.startswith("intro\n") and text.endswith("\nrest\n") and "old table" not in text
     assert "| one 3×3 64→64 conv | 128² | 4x1 | 90% | 40.00 | 10.00 | 4.00× | 10× |" in text
@@ -202,5 +203,7 @@ def test_readme_table_matches_the_committed_results():
         pytest.skip("no committed benchmark results")
     newest = max(summaries, key=lambda p: p.stem[-10:])
     report = _report_module()
-    block = report.headline(json.loads(newest.read_text()), newest.stem)
-    assert block in (REPORT_PY.parents[1] / "README.md").read_text()
+    results = json.loads(newest.read_text())
+    for page in (REPORT_PY.parents[1] / "README.md", REPORT_PY.parents[1] / "docs" / "performance.md"):
+        block = report.headline(results, newest.stem, Path(os.path.relpath(results_dir, page.parent)).as_posix())
+        assert block in page.read_text(), page

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image as PILImage
 from PIL import ImageCms, ImageOps
@@ -59,6 +60,98 @@ def test_16bit_rgb_png_from_another_writer_is_read_as_16bit(tmp_path):
     assert image.bit_depth == 16 and image.mode == "RGB"
     expected = torch.from_numpy(values.reshape(4, 3, 3).astype(np.float64)).permute(2, 0, 1)
     assert torch.equal(torch.round(image.pixels.double() * 65535), expected)
+
+
+def _levels16(pixels: torch.Tensor) -> np.ndarray:
+    """Float pixels [C, H, W] -> uint16 HWC, as a 16-bit writer stores them."""
+    return np.round(pixels.double().clamp(0, 1).numpy() * 65535).astype(np.uint16).transpose(1, 2, 0)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA"])
+def test_tiff_16bit_round_trip_is_exact(tmp_path, mode):
+    pixels = _pixels(CHANNELS[mode])
+    path = tmp_path / "deep.tif"
+    write_image(path, pixels, mode, 16)
+
+    # The file itself: 16 bits per sample, deflate, alpha as an unassociated extra sample.
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.dtype == np.uint16 and page.samplesperpixel == CHANNELS[mode]
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert page.extrasamples == ((tifffile.EXTRASAMPLE.UNASSALPHA,) if mode in ("LA", "RGBA") else ())
+        on_disk = page.asarray()
+    assert np.array_equal(on_disk.reshape(7, 5, -1), _levels16(pixels))
+
+    image = read_image(path)
+    assert image.mode == mode and image.bit_depth == 16
+    assert np.array_equal(_levels16(image.pixels), _levels16(pixels))
+    assert (_levels16(image.pixels) % 257 != 0).any()  # finer than 8-bit levels
+    assert image_io.image_size(path) == (7, 5)
+
+
+@pytest.mark.parametrize("planar", ["contig", "separate"])
+@pytest.mark.parametrize("mode", ["LA", "RGB", "RGBA"])
+def test_16bit_tiff_from_another_writer(tmp_path, mode, planar):
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 65536, (6, 4, CHANNELS[mode]), dtype=np.uint16)
+    data = np.moveaxis(values, -1, 0) if planar == "separate" else values
+    tifffile.imwrite(
+        tmp_path / "ext.tiff",
+        data,
+        photometric="rgb" if mode.startswith("RGB") else "minisblack",
+        planarconfig=planar,
+        extrasamples=["unassalpha"] if mode.endswith("A") else None,
+        byteorder=">",  # big-endian, to be sure the byte order comes from the file
+    )
+    image = read_image(tmp_path / "ext.tiff")
+    assert image.mode == mode and image.bit_depth == 16
+    assert np.array_equal(_levels16(image.pixels), values)
+
+
+def test_16bit_tiff_premultiplied_alpha_is_made_straight(tmp_path):
+    straight = np.array([[[40000, 20000, 0, 32768], [65535, 65535, 65535, 0]]], dtype=np.uint16)
+    alpha = straight[:, :, 3:].astype(np.float64) / 65535
+    premultiplied = np.concatenate([np.round(straight[:, :, :3] * alpha), straight[:, :, 3:]], axis=2)
+    tifffile.imwrite(tmp_path / "assoc.tif", premultiplied.astype(np.uint16), photometric="rgb",
+                     extrasamples=["assocalpha"])
+    image = read_image(tmp_path / "assoc.tif")
+    assert image.mode == "RGBA" and image.bit_depth == 16
+    levels = _levels16(image.pixels).astype(np.int64)
+    assert np.abs(levels[0, 0] - straight[0, 0]).max() <= 2  # 40000 * 0.5 rounds, then back
+    assert levels[0, 1, 3] == 0  # fully transparent stays transparent
+
+
+UPRIGHT = {  # EXIF orientation -> how the stored HWC array is displayed
+    3: lambda a: a[::-1, ::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, k=-1),  # rotate 90 degrees clockwise
+    8: lambda a: np.rot90(a, k=1),
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_exif_orientation_on_16bit_tiff(tmp_path, orientation):
+    upright = UPRIGHT[orientation]
+    values = (np.arange(4 * 6 * 3).reshape(4, 6, 3) * 901 % 65536).astype(np.uint16)
+    path = tmp_path / "oriented.tif"
+    tags = [(0x0112, "H", 1, orientation, True), (0x010F, "s", 0, "sparsesr-test", True)]
+    tifffile.imwrite(path, values, photometric="rgb", extratags=tags)  # + tifffile's JSON description
+    image = read_image(path)
+    assert image.bit_depth == 16 and image.mode == "RGB"
+    assert np.array_equal(_levels16(image.pixels), upright(values))
+    assert image_io.image_size(path) == image.size == upright(values).shape[:2]
+    kept = PILImage.Exif()
+    kept.load(image.exif)
+    assert 0x0112 not in kept and kept[0x010F] == "sparsesr-test"
+
+    # Written back as a 16-bit TIFF: upright pixels, no orientation tag, Make kept, and not the
+    # input's layout description (its shape is wrong for the output).
+    write_image(tmp_path / "again.tif", image)
+    again = read_image(tmp_path / "again.tif")
+    assert torch.equal(again.pixels, image.pixels)
+    with tifffile.TiffFile(tmp_path / "again.tif") as tif:
+        tags = tif.pages[0].tags
+        assert 0x0112 not in tags and 270 not in tags and tags[0x010F].value == "sparsesr-test"
 
 
 def test_16bit_grayscale_tiff(tmp_path):
@@ -132,7 +225,10 @@ def test_exif_orientation_is_applied_and_reset(tmp_path, orientation, ext):
     assert kept.get(0x0112, 1) == 1 and kept[0x010F] == "sparsesr-test"
 
 
-@pytest.mark.parametrize("name, bit_depth", [("meta.png", 8), ("meta16.png", 16), ("meta.jpg", 8), ("meta.tif", 8)])
+@pytest.mark.parametrize(
+    "name, bit_depth",
+    [("meta.png", 8), ("meta16.png", 16), ("meta.jpg", 8), ("meta.tif", 8), ("meta16.tif", 16)],
+)
 def test_icc_and_exif_are_written_back(tmp_path, name, bit_depth):
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     exif = PILImage.Exif()
@@ -147,6 +243,7 @@ def test_icc_and_exif_are_written_back(tmp_path, name, bit_depth):
     assert image.bit_depth == bit_depth
 
 
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data")  # Pillow, on the header-only TIFF
 def test_corrupt_and_missing_files_raise_one_line_errors(tmp_path):
     good = tmp_path / "good.png"
     write_image(good, _pixels(3, 32, 32))
@@ -157,7 +254,17 @@ def test_corrupt_and_missing_files_raise_one_line_errors(tmp_path):
     truncated_deep.write_bytes((tmp_path / "deep.png").read_bytes()[:-40])
     garbage = tmp_path / "garbage.jpg"
     garbage.write_bytes(b"not an image at all")
-    for path in (truncated, truncated_deep, garbage, tmp_path / "missing.png"):
+    write_image(tmp_path / "deep.tif", _pixels(3, 32, 32), "RGB", 16)
+    truncated_tiff = tmp_path / "truncated16.tif"
+    truncated_tiff.write_bytes((tmp_path / "deep.tif").read_bytes()[:-300])  # inside the pixel data
+    raw = np.zeros((32, 32, 4), np.uint16)
+    tifffile.imwrite(tmp_path / "raw.tif", raw, photometric="rgb", extrasamples=["unassalpha"])
+    truncated_raw_tiff = tmp_path / "truncated_raw16.tif"
+    truncated_raw_tiff.write_bytes((tmp_path / "raw.tif").read_bytes()[:5000])
+    header_only_tiff = tmp_path / "header16.tif"
+    header_only_tiff.write_bytes((tmp_path / "deep.tif").read_bytes()[:12])
+    tiffs = (truncated_tiff, truncated_raw_tiff, header_only_tiff)
+    for path in (truncated, truncated_deep, garbage, tmp_path / "missing.png", *tiffs):
         with pytest.raises(ImageReadError) as info:
             read_image(path)
         message = str(info.value)
@@ -184,8 +291,8 @@ def test_write_errors(tmp_path):
         write_image(tmp_path / "x.gif", _pixels(3))
     with pytest.raises(ImageWriteError, match="does not fit"):
         write_image(tmp_path / "x.png", _pixels(3), "RGBA")
-    with pytest.raises(ImageWriteError, match="grayscale only"):
-        write_image(tmp_path / "x.tif", _pixels(3), "RGB", 16)
+    with pytest.raises(ImageWriteError, match="bit depth must be 8 or 16"):
+        write_image(tmp_path / "x.tif", _pixels(3), "RGB", 12)
     with pytest.raises(ImageWriteError):
         write_image(tmp_path / "no-such-folder" / "x.png", _pixels(3))
     assert sorted(os.listdir(tmp_path)) == []

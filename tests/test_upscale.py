@@ -345,3 +345,18 @@ def test_models_listing(capsys):
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "x2" in out and "not installed" in out
+
+
+def test_16bit_rgb_tiff_stays_16bit_rgb_tiff(tmp_path):
+    import tifffile
+
+    values = np.random.default_rng(0).integers(0, 65536, (10, 12, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "deep.tif", values, photometric="rgb")
+    assert _run(tmp_path / "deep.tif") == 0  # --ext auto keeps the format
+    with tifffile.TiffFile(tmp_path / "deep_x2.tif") as tif:
+        page = tif.pages[0]
+        assert page.dtype == np.uint16 and page.shape == (20, 24, 3)
+        assert page.photometric == tifffile.PHOTOMETRIC.RGB
+    out = read_image(tmp_path / "deep_x2.tif")
+    assert out.bit_depth == 16 and out.mode == "RGB" and out.size == (20, 24)
+    assert (torch.round(out.pixels * 65535) % 257 != 0).any()  # real 16-bit values, not 8-bit ones stretched

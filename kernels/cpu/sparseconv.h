@@ -40,12 +40,14 @@ typedef struct {
     const int32_t *seg_ptr; /* [n_chunks * n_groups + 1] */
     const int32_t *off;     /* offset of each entry inside buf relative to its output pixel */
     const float *val;       /* [entries * G] */
-    float *stage;           /* partial sums between chunks: n_groups * G * MAX_TILE floats */
+    float *stage;           /* partial sums between chunks: n_groups * STAGE_PER_GROUP floats */
     int img, y0, x0, rows, cols;
 } Tile;
 
-/* Most floats one register tile covers in any ISA (4 vectors of 16). */
+/* Most floats one row of a register tile covers in any ISA (4 vectors of 16), and the partial
+ * sums one group's register tile can hold: 4 channels x 1 row, or 1 channel x up to 3 rows. */
 #define MAX_TILE 64
+#define STAGE_PER_GROUP (4 * MAX_TILE)
 
 /* x86 builds carry AVX2 and AVX-512 code paths, chosen at run time; elsewhere (or with
  * -DSPARSECONV_PORTABLE_ONLY) only the portable one. */

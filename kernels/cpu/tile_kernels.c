@@ -59,6 +59,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #define V_STREAM(p, v) V_STOREU(p, v)
 #define V_FENCE() ((void)0)
 #endif
+#define NR1 2
 #define NV1 4
 #define NV4 2
 #define KTARGET
@@ -67,6 +68,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #undef VEC
 #undef VW
 #undef NV1
+#undef NR1
 #undef NV4
 #undef KTARGET
 #undef FN
@@ -86,7 +88,8 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 /* ---- AVX2 + FMA: 16 ymm registers ---------------------------------------------------------- */
 #define VEC __m256
 #define VW 8
-#define NV1 4 /* 4 accumulators + 1 broadcast weight; inputs are FMA memory operands */
+#define NR1 3 /* 3 rows x 4 accumulators + 1 broadcast weight; inputs are FMA memory operands */
+#define NV1 4
 #define NV4 2 /* 4 x 2 accumulators + 2 inputs + 1 weight */
 #define KTARGET __attribute__((target("avx2,fma")))
 #define FN(name) name##_avx2
@@ -103,6 +106,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #undef VEC
 #undef VW
 #undef NV1
+#undef NR1
 #undef NV4
 #undef KTARGET
 #undef FN
@@ -119,6 +123,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 /* ---- AVX-512F: 32 zmm registers ------------------------------------------------------------ */
 #define VEC __m512
 #define VW 16
+#define NR1 3
 #define NV1 4
 #define NV4 4 /* 16 accumulators + 4 inputs + 1 weight */
 #define KTARGET __attribute__((target("avx512f")))

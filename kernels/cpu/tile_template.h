@@ -1,97 +1,127 @@
 /* Compute one tile of the direct sparse convolution for one instruction set.
  *
  * Included once per ISA by tile_kernels.c after defining:
- *   VEC, VW (floats per vector), NV1 / NV4 (max vectors per register tile for groups of 1 / 4
- *   output channels), KTARGET (function attribute), FN(name) (name with ISA suffix) and the
- *   V_* operations used below.
+ *   VEC, VW (floats per vector), NR1 (1..3: max rows of a register tile for groups of 1 output
+ *   channel), NV1 / NV4 (4 / 1..4: max vectors per row for groups of 1 / 4 output channels),
+ *   KTARGET (function attribute), FN(name) (name with ISA suffix) and the V_* operations below.
  *
- * Output-stationary: a register tile holds nv vectors of consecutive output pixels of one row
- * for G output channels; every nonzero of the group adds weight * (input at pixel + offset).
- * The input comes from the tile's zero-padded buffer, so there are no bounds checks inside.
+ * Output-stationary: a register tile holds nv vectors of consecutive output pixels of nr rows
+ * (nr = 1 for blocks) for G output channels; every nonzero of the group adds
+ * weight * (input at pixel + offset). The input comes from the tile's zero-padded buffer, so
+ * there are no bounds checks inside.
  *
  * Input channels are processed in chunks small enough that the chunk's input under one
  * register tile stays in L1 while all output channels use it; between chunks the partial sums
  * of a register tile wait in `t->stage` (also L1). The last chunk applies the epilogue.
  */
 
+_Static_assert(NR1 >= 1 && NR1 <= 3 && NV1 == 4 && NV4 >= 1 && NV4 <= 4, "run_g1 / run_g4 cover these");
+_Static_assert(NR1 * NV1 * VW <= STAGE_PER_GROUP && 4 * NV4 * VW <= STAGE_PER_GROUP, "stage size");
+
 /* Partial vector (only for images narrower than a register tile): go through the stack so
  * that nothing outside the output or residual is touched. Out of line: its stack arrays
  * would otherwise be set up on every call of the hot path. */
-static KTARGET __attribute__((noinline)) void FN(finish_partial)(const ConvArgs *a, VEC v, float *dst,
-                                                                 const float *res, int valid)
+static KTARGET __attribute__((noinline)) void FN(finish_partial)(VEC v, const float *res, VEC scale,
+                                                                 float *dst, int lanes)
 {
-    float lanes[VW];
+    float tmp[VW];
     if (res) {
-        memcpy(lanes, res, (size_t)valid * sizeof(float));
-        memset(lanes + valid, 0, (size_t)(VW - valid) * sizeof(float));
-        v = V_FMA(V_SET1(a->res_scale), v, V_LOADU(lanes));
+        memcpy(tmp, res, (size_t)lanes * sizeof(float));
+        memset(tmp + lanes, 0, (size_t)(VW - lanes) * sizeof(float));
+        v = V_FMA(scale, v, V_LOADU(tmp));
     }
-    V_STOREU(lanes, v);
-    memcpy(dst, lanes, (size_t)valid * sizeof(float));
+    V_STOREU(tmp, v);
+    memcpy(dst, tmp, (size_t)lanes * sizeof(float));
 }
 
-/* acc -> (+ bias) -> (relu) -> (residual + res_scale * y) -> store `valid` lanes. */
-static KTARGET ALWAYS_INLINE void FN(finish)(const ConvArgs *a, VEC v, float bias, float *dst,
-                                            const float *res, int valid)
+/* The epilogue of one output channel of a register tile, set up once per channel so that the
+ * per-vector work is a few instructions (per-vector checks cost ~7 % of a 90 %-sparse layer).
+ * Plain values, no pointers to them: they stay in registers next to the accumulators. */
+typedef struct {
+    float *out;        /* output at the register tile's first pixel */
+    const float *res;  /* residual there, or NULL */
+    VEC bias, scale;   /* bias (0 without one), res_scale */
+    int relu, stream;
+} FN(Epilogue);
+
+static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, size_t pix)
 {
-    if (a->bias)
-        v = V_ADD(v, V_SET1(bias));
-    if (a->relu)
-        v = V_MAX(v, V_ZERO());
-    if (valid == VW) {
-        if (res)
-            v = V_FMA(V_SET1(a->res_scale), v, V_LOADU(res));
+    const ConvArgs *a = t->a;
+    const size_t at = ((size_t)t->img * a->c_out + oc) * ((size_t)a->h * a->w) + pix;
+    FN(Epilogue) e = {
+        .out = a->out + at, .res = a->residual ? a->residual + at : NULL,
+        .bias = V_SET1(a->bias ? a->bias[oc] : 0.0f), .scale = V_SET1(a->res_scale), .relu = a->relu,
         /* Streaming stores skip the read-for-ownership of output lines that are far from any
          * cache anyway: a tile writes to every output channel's plane, too many streams for
-         * the hardware prefetcher. */
-        if (a->stream && ((uintptr_t)dst & (VW * sizeof(float) - 1)) == 0)
-            V_STREAM(dst, v);
-        else
-            V_STOREU(dst, v);
-        return;
-    }
-    FN(finish_partial)(a, v, dst, res, valid);
+         * the hardware prefetcher. They need aligned vectors: all of them are when the first
+         * one is and rows are whole vectors. */
+        .stream = a->stream && ((uintptr_t)(a->out + at) & (VW * sizeof(float) - 1)) == 0 && a->w % VW == 0,
+    };
+    return e;
 }
 
-/* Store vector v of output channel oc's register tile: through the epilogue to the output
- * after the last chunk, else into the stage. Takes the vector by value so that the
- * accumulators never need an address (which would keep them on the stack). */
-static KTARGET ALWAYS_INLINE void FN(store)(const Tile *t, VEC acc, int oc, float *stage,
-                                           size_t pix, int v, int valid, int last)
+/* acc -> + bias -> (relu) -> (residual + res_scale * y) -> store the first `lanes` lanes at
+ * pixel `at` of the epilogue's channel. */
+static KTARGET ALWAYS_INLINE void FN(finish)(const FN(Epilogue) *e, VEC v, size_t at, int lanes)
 {
-    if (!last) {
-        V_STOREU(stage + v * VW, acc);
+    v = V_ADD(v, e->bias);
+    if (e->relu)
+        v = V_MAX(v, V_ZERO());
+    if (lanes < VW) {
+        FN(finish_partial)(v, e->res ? e->res + at : NULL, e->scale, e->out + at, lanes);
         return;
     }
-    const ConvArgs *a = t->a;
-    if (oc >= a->c_out)
-        return; /* padding channel of the last group */
-    const size_t at = ((size_t)t->img * a->c_out + oc) * ((size_t)a->h * a->w) + pix + v * VW;
-    const int lanes = valid - v * VW < VW ? valid - v * VW : VW;
-    FN(finish)(a, acc, a->bias ? a->bias[oc] : 0.0f, a->out + at, a->residual ? a->residual + at : NULL,
-               lanes);
+    if (e->res)
+        v = V_FMA(e->scale, v, V_LOADU(e->res + at));
+    if (e->stream)
+        V_STREAM(e->out + at, v);
+    else
+        V_STOREU(e->out + at, v);
 }
 
-/* Unstructured: one output channel g, nonzeros [begin, end) of the current chunk. */
+/* Lanes of vector v in a row of `valid` pixels. */
+#define LANES(v, valid) ((valid) - (v) * VW < VW ? (valid) - (v) * VW : VW)
+
+/* Unstructured: one output channel g, nonzeros [begin, end) of the current chunk, on a register
+ * tile of nr rows x nv vectors. Each nonzero's offset and broadcast weight feed nr * nv FMAs,
+ * and the weights of the layer stream through L1 once per nr * nv vectors of output. */
 static KTARGET ALWAYS_INLINE void FN(tile_g1)(const Tile *t, const float *in, int g, int begin,
-                                             int end, float *stage, size_t pix, int nv, int valid,
-                                             int first, int last)
+                                             int end, float *stage, size_t pix, int nr, int nv,
+                                             int valid, int first, int last)
 {
     const int32_t *off = t->off;
     const float *val = t->val;
-    VEC acc[NV1];
+    const size_t wp = (size_t)t->wp, w = (size_t)t->a->w;
+    VEC acc[NR1][NV1];
     /* unrolled before GCC's loop distribution could turn the zeroing into a memset call */
+#pragma GCC unroll 16
+    for (int r = 0; r < nr; r++)
 #pragma GCC unroll 8
-    for (int v = 0; v < nv; v++)
-        acc[v] = first ? V_ZERO() : V_LOADU(stage + v * VW);
+        for (int v = 0; v < nv; v++)
+            acc[r][v] = first ? V_ZERO() : V_LOADU(stage + (r * NV1 + v) * VW);
     for (int i = begin; i < end; i++) {
         const float *p = in + off[i];
-        VEC w = V_SET1(val[i]);
-        for (int v = 0; v < nv; v++)
-            acc[v] = V_FMA(w, V_LOADU(p + v * VW), acc[v]);
+        VEC wt = V_SET1(val[i]);
+#pragma GCC unroll 16
+        for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+            for (int v = 0; v < nv; v++)
+                acc[r][v] = V_FMA(wt, V_LOADU(p + r * wp + v * VW), acc[r][v]);
     }
-    for (int v = 0; v < nv; v++)
-        FN(store)(t, acc[v], g, stage, pix, v, valid, last);
+    if (!last) { /* partial sums wait for the next chunk */
+#pragma GCC unroll 16
+        for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+            for (int v = 0; v < nv; v++)
+                V_STOREU(stage + (r * NV1 + v) * VW, acc[r][v]);
+        return;
+    }
+    const FN(Epilogue) e = FN(epilogue)(t, g, pix);
+#pragma GCC unroll 16
+    for (int r = 0; r < nr; r++)
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; v++)
+            FN(finish)(&e, acc[r][v], r * w + v * VW, LANES(v, valid));
 }
 
 /* Blocks: 4 output channels sharing nonzero positions; each input load feeds 4 accumulators. */
@@ -129,12 +159,40 @@ static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, in
         for (int v = 0; v < nv; v++)
             acc3[v] = V_FMA(w3, x[v], acc3[v]);
     }
-    for (int v = 0; v < nv; v++) {
-        FN(store)(t, acc0[v], 4 * g, stage, pix, v, valid, last);
-        FN(store)(t, acc1[v], 4 * g + 1, stage + s, pix, v, valid, last);
-        FN(store)(t, acc2[v], 4 * g + 2, stage + 2 * s, pix, v, valid, last);
-        FN(store)(t, acc3[v], 4 * g + 3, stage + 3 * s, pix, v, valid, last);
+    if (!last) { /* partial sums wait for the next chunk */
+#pragma GCC unroll 8
+        for (int v = 0; v < nv; v++) {
+            V_STOREU(stage + v * VW, acc0[v]);
+            V_STOREU(stage + s + v * VW, acc1[v]);
+            V_STOREU(stage + 2 * s + v * VW, acc2[v]);
+            V_STOREU(stage + 3 * s + v * VW, acc3[v]);
+        }
+        return;
     }
+    /* channels past c_out (padding of the last group) are computed and never stored */
+    const int c_out = t->a->c_out, oc = 4 * g;
+    FN(Epilogue) e = FN(epilogue)(t, oc, pix);
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; v++)
+        FN(finish)(&e, acc0[v], v * VW, LANES(v, valid));
+    if (oc + 1 >= c_out)
+        return;
+    e = FN(epilogue)(t, oc + 1, pix);
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; v++)
+        FN(finish)(&e, acc1[v], v * VW, LANES(v, valid));
+    if (oc + 2 >= c_out)
+        return;
+    e = FN(epilogue)(t, oc + 2, pix);
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; v++)
+        FN(finish)(&e, acc2[v], v * VW, LANES(v, valid));
+    if (oc + 3 >= c_out)
+        return;
+    e = FN(epilogue)(t, oc + 3, pix);
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; v++)
+        FN(finish)(&e, acc3[v], v * VW, LANES(v, valid));
 }
 
 /* Instantiate the register tiles for every compile-time width 1..NV so the accumulators live
@@ -142,14 +200,27 @@ static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, in
 #define TILE_ARGS t, in, g, begin, end, stage, pix
 #define TILE_FLAGS valid, first, last
 static KTARGET void FN(run_g1)(const Tile *t, const float *in, int g, int begin, int end,
-                              float *stage, size_t pix, int nv, int valid, int first, int last)
+                              float *stage, size_t pix, int nr, int nv, int valid, int first, int last)
 {
-    switch (nv) {
-    case 4: FN(tile_g1)(TILE_ARGS, 4, TILE_FLAGS); break;
-    case 3: FN(tile_g1)(TILE_ARGS, 3, TILE_FLAGS); break;
-    case 2: FN(tile_g1)(TILE_ARGS, 2, TILE_FLAGS); break;
-    default: FN(tile_g1)(TILE_ARGS, 1, TILE_FLAGS); break;
+#define G1(nr_, nv_) FN(tile_g1)(TILE_ARGS, nr_, nv_, TILE_FLAGS); return
+#define G1_ROWS(nr_) \
+    switch (nv) { \
+    case 4: G1(nr_, 4); \
+    case 3: G1(nr_, 3); \
+    case 2: G1(nr_, 2); \
+    default: G1(nr_, 1); \
     }
+#if NR1 >= 3
+    if (nr == 3)
+        G1_ROWS(3)
+#endif
+#if NR1 >= 2
+    if (nr == 2)
+        G1_ROWS(2)
+#endif
+    G1_ROWS(1)
+#undef G1_ROWS
+#undef G1
 }
 
 static KTARGET void FN(run_g4)(const Tile *t, const float *in, int g, int begin, int end,
@@ -175,8 +246,11 @@ KTARGET void FN(tile)(const Tile *t)
     const int g4 = a->group == 4;
     const int nv_max = g4 ? NV4 : NV1;
     const int full = nv_max * VW;
-    const int stage_per_group = a->group * full;
-    for (int r = 0; r < t->rows; r++) {
+    const int nr_max = g4 ? 1 : NR1;
+    const int stage_per_group = g4 ? 4 * full : NR1 * full;
+    for (int r = 0; r < t->rows; r += nr_max) {
+        /* G = 1 tiles cover up to NR1 rows; the last rows of the band may be fewer */
+        const int nr = g4 ? 1 : (t->rows - r < NR1 ? t->rows - r : NR1);
         const size_t row_pix = (size_t)(t->y0 + r) * a->w + t->x0;
         for (int xl = 0; xl < t->cols; xl += full) {
             int nv = nv_max, start = xl, valid = full;
@@ -201,10 +275,11 @@ KTARGET void FN(tile)(const Tile *t)
                     if (g4)
                         FN(run_g4)(t, in, g, seg[0], seg[1], stage, pix, nv, valid, first, last);
                     else
-                        FN(run_g1)(t, in, g, seg[0], seg[1], stage, pix, nv, valid, first, last);
+                        FN(run_g1)(t, in, g, seg[0], seg[1], stage, pix, nr, nv, valid, first, last);
                 }
             }
         }
     }
     V_FENCE(); /* order the streaming stores before the tile is reported done */
 }
+#undef LANES

@@ -5,8 +5,11 @@ mode ("L", "LA", "RGB", "RGBA"), the bit depth (8 or 16), and the ICC profile an
 they can be written back. EXIF orientation is applied to the pixels and reset in the kept EXIF,
 so a photo is upscaled the way it is displayed.
 
-Pillow decodes everything except 16-bit colour PNGs, which it silently reduces to 8 bits; those
-(and all 16-bit PNGs, for one code path) go through ``pypng``, a small pure-Python PNG codec.
+Pillow decodes everything except 16-bit colour images, which it silently reduces to 8 bits (or,
+for 16-bit gray+alpha TIFFs, cannot open). 16-bit PNGs (all of them, for one code path) go through
+``pypng``, a small pure-Python PNG codec; 16-bit colour and gray+alpha TIFFs are read and all 16-bit
+TIFFs are written with ``tifffile`` (pure Python + numpy). 16-bit grayscale TIFFs are still read
+by Pillow, whose libtiff decodes every compression (tifffile needs ``imagecodecs`` for LZW).
 
 ``write_image`` is atomic: it writes a temporary file in the destination folder and moves it into
 place with ``os.replace``, so a crash or an error never leaves a half-written image behind.
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import png  # pypng
+import tifffile
 import torch
 from PIL import Image as PILImage
 
@@ -43,6 +47,8 @@ MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}  # mode -> number of channels
 _MODE_OF_CHANNELS = {channels: mode for mode, channels in MODES.items()}
 _EXIF_ORIENTATION = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_TIFF_SIGNATURES = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # classic and BigTIFF
+_TIFF_ICC_PROFILE = 34675
 
 
 @dataclass
@@ -117,6 +123,25 @@ def _png_bit_depth(path: Path) -> int | None:
     return head[24]
 
 
+def _is_deep_tiff(path: Path) -> bool:
+    """Whether ``path`` is a TIFF that needs tifffile: 16-bit colour or gray+alpha.
+
+    Decided from the first page's tags (bits per sample, sample format, photometric, samples per
+    pixel), never from pixel values. Plain 16-bit grayscale and all else is left to Pillow.
+    """
+    with open(path, "rb") as f:
+        if f.read(4) not in _TIFF_SIGNATURES:
+            return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+    except Exception:  # noqa: BLE001 - a structure tifffile rejects: Pillow decides (and reports)
+        return False
+    deep = page.bitspersample == 16 and page.sampleformat == tifffile.SAMPLEFORMAT.UINT
+    colour = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK)
+    return deep and colour and page.samplesperpixel > 1
+
+
 # --------------------------------------------------------------------------------------------
 # Reading
 
@@ -160,25 +185,57 @@ def _decode_png16(path: Path) -> tuple[np.ndarray, str, int]:
     return array, _MODE_OF_CHANNELS[planes], 16
 
 
+def _decode_tiff16(
+    path: Path, tif: tifffile.TiffFile
+) -> tuple[np.ndarray, str, bytes | None, int, bytes | None]:
+    """16-bit TIFF via tifffile -> (HWC uint16 array, mode, ICC, orientation, EXIF bytes)."""
+    page = tif.pages[0]
+    array = page.asarray()
+    if page.planarconfig == tifffile.PLANARCONFIG.SEPARATE:
+        array = np.moveaxis(array, 0, -1)  # [S, H, W] -> [H, W, S]
+    colour = 3 if page.photometric == tifffile.PHOTOMETRIC.RGB else 1
+    pixels = array[:, :, :colour].astype(np.uint16)
+    # The first extra sample is alpha when marked so; unspecified extras are dropped (Pillow's "X").
+    kind = page.extrasamples[0] if page.extrasamples else tifffile.EXTRASAMPLE.UNSPECIFIED
+    if kind in (tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA):
+        alpha = array[:, :, colour].astype(np.uint16)
+        if kind == tifffile.EXTRASAMPLE.ASSOCALPHA:  # premultiplied; an Image holds straight colour
+            a = alpha.astype(np.float64)[:, :, None]
+            straight = np.where(a > 0, pixels * 65535.0 / np.maximum(a, 1), 0)
+            pixels = np.clip(np.round(straight), 0, 65535).astype(np.uint16)
+        pixels = np.concatenate([pixels, alpha[:, :, None]], axis=2)
+
+    # EXIF of a TIFF is its first IFD, as Pillow's getexif() returns it for the 8-bit TIFFs it reads.
+    orientation, exif_bytes = int(page.tags.valueof(_EXIF_ORIENTATION, 1) or 1), None
+    if not tif.is_bigtiff:  # Pillow's EXIF reader handles classic TIFF headers only
+        with open(path, "rb") as f:
+            exif = PILImage.Exif()
+            exif.load_from_fp(f)
+            orientation, exif_bytes = _upright_exif(exif)
+    icc = page.tags.valueof(_TIFF_ICC_PROFILE) or None
+    return pixels, _MODE_OF_CHANNELS[pixels.shape[2]], icc, orientation, exif_bytes
+
+
 def read_image(path: str | os.PathLike) -> Image:
     """Decode an image file (PNG, JPEG, BMP, TIFF, WebP) into an upright :class:`Image`."""
     path = Path(path)
     try:
-        with PILImage.open(path) as im:
-            deep_png = im.format == "PNG" and _png_bit_depth(path) == 16
-            if not deep_png:
-                im.load()  # decode now, so truncated or corrupt files fail here
-            icc = im.info.get("icc_profile") or None
-            exif = im.getexif()
-            orientation = int(exif.get(_EXIF_ORIENTATION, 1) or 1)
-            if deep_png:
-                array, mode, bit_depth = _decode_png16(path)
-            else:
-                array, mode, bit_depth, icc_valid = _decode_with_pillow(im)
-                icc = icc if icc_valid else None
-            if orientation != 1:
-                del exif[_EXIF_ORIENTATION]  # the pixels are upright from now on
-            exif_bytes = exif.tobytes() if len(exif) else None
+        if _is_deep_tiff(path):
+            with tifffile.TiffFile(path) as tif:
+                array, mode, icc, orientation, exif_bytes = _decode_tiff16(path, tif)
+            bit_depth = 16
+        else:
+            with PILImage.open(path) as im:
+                deep_png = im.format == "PNG" and _png_bit_depth(path) == 16
+                if not deep_png:
+                    im.load()  # decode now, so truncated or corrupt files fail here
+                icc = im.info.get("icc_profile") or None
+                if deep_png:
+                    array, mode, bit_depth = _decode_png16(path)
+                else:
+                    array, mode, bit_depth, icc_valid = _decode_with_pillow(im)
+                    icc = icc if icc_valid else None
+                orientation, exif_bytes = _upright_exif(im.getexif())
     except FileNotFoundError:
         raise ImageReadError(f"cannot read image {path}: file not found") from None
     except Exception as exc:  # noqa: BLE001 - every decoder failure is the same user error
@@ -190,10 +247,28 @@ def read_image(path: str | os.PathLike) -> Image:
     return Image(pixels=pixels, mode=mode, bit_depth=bit_depth, icc_profile=icc, exif=exif_bytes)
 
 
+def _upright_exif(exif: PILImage.Exif) -> tuple[int, bytes | None]:
+    """(EXIF orientation, EXIF bytes without it, since the pixels are made upright).
+
+    Call while the image file is open: Pillow reads nested EXIF directories lazily.
+    """
+    orientation = int(exif.get(_EXIF_ORIENTATION, 1) or 1)
+    if orientation != 1:
+        del exif[_EXIF_ORIENTATION]
+    return orientation, (exif.tobytes() if len(exif) else None)
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) as displayed (EXIF orientation applied), reading only the header."""
     path = Path(path)
     try:
+        if _is_deep_tiff(path):  # Pillow cannot open every one of these (16-bit gray+alpha)
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                height, width = page.imagelength, page.imagewidth
+                if int(page.tags.valueof(_EXIF_ORIENTATION, 1) or 1) in (5, 6, 7, 8):
+                    width, height = height, width
+            return height, width
         with PILImage.open(path) as im:
             width, height = im.size
             # Pillow's getexif() on a PNG scans the whole file; EXIF before IDAT is already in info.
@@ -233,6 +308,60 @@ def _encode_png16(array: np.ndarray, mode: str, icc_profile: bytes | None, exif:
     return _png_chunks_with_metadata(buffer.getvalue(), icc_profile, exif)
 
 
+# Descriptive first-IFD tags carried into a 16-bit TIFF (with orientation and resolution). The
+# layout tags are tifffile's own, and tifffile cannot write EXIF / GPS sub-IFDs: camera EXIF is lost.
+_TIFF_TEXT_TAGS = {
+    270: "ImageDescription",
+    271: "Make",
+    272: "Model",
+    305: "Software",
+    306: "DateTime",
+    315: "Artist",
+    316: "HostComputer",
+    33432: "Copyright",
+}
+_TIFF_RESOLUTION_TAGS = (282, 283, 296)  # XResolution, YResolution, ResolutionUnit
+
+
+def _encode_tiff16(array: np.ndarray, mode: str, icc_profile: bytes | None, exif: bytes | None) -> bytes:
+    """HWC uint16 array -> 16-bit TIFF bytes (Adobe deflate, straight alpha as an extra sample)."""
+    tags = PILImage.Exif()
+    if exif:
+        tags.load(exif)
+    extratags = []
+    for code in _TIFF_TEXT_TAGS:
+        text = tags.get(code)
+        if not isinstance(text, str) or not text:
+            continue
+        if code == 270 and text.startswith(('{"shape"', "ImageJ=")):
+            continue  # tifffile / ImageJ layout metadata of the input: wrong for the new size
+        extratags.append((code, "s", 0, text.encode("utf-8", "replace"), True))
+    orientation = tags.get(_EXIF_ORIENTATION)
+    if isinstance(orientation, int) and 1 <= orientation <= 8:
+        extratags.append((_EXIF_ORIENTATION, "H", 1, orientation, True))
+    resolution = {}
+    x_res, y_res, unit = (tags.get(code) for code in _TIFF_RESOLUTION_TAGS)
+    if x_res and y_res and unit in (1, 2, 3):
+        resolution = {"resolution": (float(x_res), float(y_res)), "resolutionunit": unit}
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(
+        buffer,
+        array if array.shape[2] > 1 else array[:, :, 0],
+        photometric="rgb" if mode in ("RGB", "RGBA") else "minisblack",
+        planarconfig="contig",
+        extrasamples=["unassalpha"] if mode in ("LA", "RGBA") else None,
+        compression="zlib",  # Adobe deflate, as Pillow writes 8-bit TIFFs here
+        predictor=True,  # horizontal differencing: smaller files for photos, standard TIFF
+        iccprofile=icc_profile or None,
+        metadata=None,  # no tifffile JSON in ImageDescription
+        software=False,  # carried from EXIF when there
+        extratags=extratags,
+        **resolution,
+    )
+    return buffer.getvalue()
+
+
 def _encode(
     pixels: torch.Tensor,
     mode: str,
@@ -253,17 +382,14 @@ def _encode(
         mode = "RGBA" if mode == "LA" else "RGB"
     if fmt in ("JPEG", "BMP", "WEBP"):
         bit_depth = 8
-    if fmt == "TIFF" and bit_depth == 16 and mode != "L":
-        raise ValueError("16-bit TIFF is supported for grayscale only; write 16-bit colour as PNG")
 
     if fmt == "PNG" and bit_depth == 16:
         return _encode_png16(_to_uint16(pixels).transpose(1, 2, 0), mode, icc_profile, exif)
+    if fmt == "TIFF" and bit_depth == 16:
+        return _encode_tiff16(_to_uint16(pixels).transpose(1, 2, 0), mode, icc_profile, exif)
 
-    if bit_depth == 16:  # grayscale 16-bit TIFF
-        im = PILImage.fromarray(_to_uint16(pixels)[0])
-    else:
-        array = to_uint8(pixels.detach().cpu()).permute(1, 2, 0).numpy()
-        im = PILImage.fromarray(array[:, :, 0] if mode == "L" else array)
+    array = to_uint8(pixels.detach().cpu()).permute(1, 2, 0).numpy()
+    im = PILImage.fromarray(array[:, :, 0] if mode == "L" else array)
 
     options: dict = {}
     if icc_profile:
@@ -307,7 +433,7 @@ def write_image(
 
     The format comes from the extension. ``mode``/``bit_depth``/``icc_profile``/``exif`` default
     to the :class:`Image`'s own (for a tensor: mode from the channel count, 8 bits, none).
-    PNG and TIFF are lossless at the given bit depth (16-bit TIFF: grayscale only); WebP is
+    PNG and TIFF are lossless at the given bit depth (8 or 16, every mode); WebP is
     lossless unless ``lossless=False``; JPEG uses ``quality``. JPEG/BMP/WebP are 8-bit; JPEG and
     BMP drop an alpha channel, WebP stores grayscale as RGB.
     """
