@@ -188,15 +188,37 @@ def test_unsupported_isa_is_rejected():
         cpu.conv2d(torch.randn(1, 3, 4, 4), cpu.prepare_dense(torch.randn(2, 3, 3, 3)), isa=missing[0])
 
 
-def test_tile_sizes_do_not_change_the_result():
-    weight = sparse_weight(12, 16, 3, 0.2, block=4)
+@pytest.mark.parametrize("block", [1, 4])
+def test_tile_sizes_do_not_change_the_result(block):
+    # bands of 1..5 rows: unstructured register tiles cover 1, 2 or 3 rows
+    weight = sparse_weight(12, 16, 3, 0.2, block=block)
     x = torch.randn(2, 16, 23, 45)
     expected = reference(x, weight)
-    for rows, cols in [(1, 1), (1, 7), (3, 16), (5, 45), (100, 100)]:
-        assert_matches(cpu.conv2d(x, cpu.prepare_dense(weight), band_rows=rows, band_cols=cols), expected)
+    for rows, cols in [(1, 1), (1, 7), (2, 45), (3, 16), (4, 40), (5, 45), (100, 100)]:
+        for isa in ISAS:
+            out = cpu.conv2d(x, cpu.prepare_dense(weight), band_rows=rows, band_cols=cols, isa=isa)
+            assert_matches(out, expected)
 
 
-def test_non_contiguous_input_and_threads():
+@pytest.mark.parametrize("block", [1, 4])
+def test_input_channel_chunks(monkeypatch, block):
+    """Partial sums wait in the stage between input-channel chunks (forced small chunks here)."""
+    weight = sparse_weight(70, 13, 3, density=0.3, block=block)
+    x, bias, residual = torch.randn(1, 13, 10, 37), torch.randn(70), torch.randn(1, 70, 10, 37)
+    expected = reference(x, weight, bias, relu=True, residual=residual, res_scale=0.5)
+    prepared = cpu.prepare_dense(weight)
+    for chunk in ("1", "5"):
+        monkeypatch.setenv("SPARSESR_CPU_CHUNK", chunk)
+        for isa in ISAS:
+            out = cpu.conv2d(x, prepared, bias, relu=True, residual=residual, res_scale=0.5, isa=isa)
+            assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("pool", ["default", "pthreads"])
+def test_non_contiguous_input_and_threads(monkeypatch, pool):
+    # default: the OpenMP team torch loaded (GOMP_parallel); pthreads: threads started per call
+    if pool == "pthreads":
+        monkeypatch.setenv("SPARSESR_CPU_POOL", "pthreads")
     weight = sparse_weight(8, 6, 3, 0.3)
     x = torch.randn(1, 12, 14, 9)[:, ::2]  # channel stride 2
     previous = torch.get_num_threads()
@@ -204,6 +226,8 @@ def test_non_contiguous_input_and_threads():
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
             assert_matches(cpu.conv2d(x, cpu.prepare_dense(weight)), reference(x, weight))
+            big = torch.randn(1, 6, 40, 300)  # many tiles: every thread gets some
+            assert_matches(cpu.conv2d(big, cpu.prepare_dense(weight), band_rows=2), reference(big, weight))
     finally:
         torch.set_num_threads(previous)
 
