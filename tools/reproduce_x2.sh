@@ -36,7 +36,7 @@ evaluate dense-x2 &  # overlaps the first pruning runs
 
 # name config sparsity seed [extra overrides] — the 90% rows twice (seeds 0 and 1), then the
 # ablations of dup at 90%: each part of "balanced learning" (layer balance, soft shrinkage) switched
-# off in turn, and regrowth switched off.
+# off in turn.
 cat > runs/x2-jobs.txt <<'JOBS'
 magnitude-x2-s90 configs/magnitude-x2.toml 0.9 0
 dup-x2-s90 configs/dup-x2.toml 0.9 0
@@ -48,7 +48,6 @@ magnitude-x2-s50 configs/magnitude-x2.toml 0.5 0
 dup-x2-s50 configs/dup-x2.toml 0.5 0
 dup-x2-s90-nobalance configs/dup-x2.toml 0.9 0 --set prune.balance=uniform --set prune.min_density=0
 dup-x2-s90-noshrink configs/dup-x2.toml 0.9 0 --set prune.shrink=none
-dup-x2-s90-noregrow configs/dup-x2.toml 0.9 0 --set prune.regrow=false
 JOBS
 xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" "${@:4}" && evaluate "$0"' < runs/x2-jobs.txt
 wait
