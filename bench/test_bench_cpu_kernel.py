@@ -10,6 +10,9 @@ magnitude-pruned (per element, or per 4x1 output-channel block by block L1 norm)
 """
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import statistics
 import time
 
 import pytest
@@ -109,39 +112,80 @@ def test_edsr_body_stack(benchmark, config):
     record(benchmark, dense_s, 2 * nnz * pixels, 2 * sum(w.numel() for w in weights) * pixels)
 
 
-def cpu_time_table(sizes=(128, 256), sparsities=(0.5, 0.9, 0.95), threads: int = 1) -> None:
-    """Print dense vs sparse per layer in *process CPU time* (best of 5).
+def load_build(path: str):
+    """Another build of the extension (e.g. of an older commit), loaded next to the installed one."""
+    spec = importlib.util.spec_from_file_location("sparseconv_other._sparseconv", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_with(build, fn):
+    """Call fn with cpu.conv2d running on `build` (None: the installed one)."""
+    if build is None:
+        return fn()
+    installed, cpu._sparseconv = cpu._sparseconv, build
+    try:
+        return fn()
+    finally:
+        cpu._sparseconv = installed
+
+
+def cpu_time_table(sizes=(128, 256), sparsities=(0.5, 0.9, 0.95), threads: int = 1,
+                   against: str | None = None, rounds: int = 5) -> None:
+    """Print dense vs sparse per layer in *process CPU time*.
 
     On a shared machine wall-clock times swing with other people's load; CPU time of this
-    process is steadier. Run: python bench/test_bench_cpu_kernel.py
+    process is steadier. Each round times dense, the installed kernel and (with ``against``,
+    the path of another build's ``_sparseconv*.so``) that build, interleaved; a time is the
+    best of 2 calls, the table shows medians over the rounds, ratios per round.
+    Run: python bench/test_bench_cpu_kernel.py [--threads N] [--against OLD.so]
     """
     torch.set_num_threads(threads)
+    builds = {"sparse": None}
+    if against:
+        builds["against"] = load_build(against)
 
-    def cpu_best(fn, rounds: int = 5) -> float:
-        fn()
+    def cpu_time(fn, calls: int = 2) -> float:
         best = float("inf")
-        for _ in range(rounds):
+        for _ in range(calls):
             start = time.process_time()
             fn()
             best = min(best, time.process_time() - start)
         return best
 
-    print(f"threads={threads} isa={cpu.isa()}  (process CPU time, best of 5)")
+    print(f"threads={threads} isa={cpu.isa()}  (process CPU time, medians of {rounds} interleaved rounds)")
     for size in sizes:
         x = torch.randn(1, 64, size, size)
-        dense_weight = torch.randn(64, 64, 3, 3)
-        dense_s = cpu_best(lambda: F.conv2d(x, dense_weight, padding=1))
-        print(f"64->64 3x3 {size}x{size}: dense {dense_s * 1e3:.2f} ms "
-              f"({2 * dense_weight.numel() * size * size / dense_s / 1e9:.1f} GFLOP/s)")
         for sparsity in sparsities:
             for block in (1, 4):
-                prepared = cpu.prepare_dense(pruned_weight(64, 64, sparsity, block))
-                sparse_s = cpu_best(lambda: cpu.conv2d(x, prepared))
-                print(f"  {sparsity:.0%} {prepared.layout:7s} {sparse_s * 1e3:8.2f} ms  "
-                      f"x{dense_s / sparse_s:5.2f}  effective "
-                      f"{2 * prepared.nnz * size * size / sparse_s / 1e9:5.1f} GFLOP/s")
+                weight = pruned_weight(64, 64, sparsity, block)
+                prepared = cpu.prepare_dense(weight)
+                fns = {"dense": lambda: F.conv2d(x, weight, padding=1)}
+                for name, build in builds.items():
+                    fns[name] = lambda build=build: run_with(build, lambda: cpu.conv2d(x, prepared))
+                    torch.testing.assert_close(fns[name](), fns["dense"](), rtol=1e-4, atol=1e-3)
+                times = {name: [] for name in fns}
+                for _ in range(rounds):
+                    for name, fn in fns.items():
+                        times[name].append(cpu_time(fn))
+                dense_s = statistics.median(times["dense"])
+                line = (f"64->64 3x3 {size}x{size} {sparsity:.0%} {prepared.layout:7s} "
+                        f"dense {dense_s * 1e3:7.2f} ms")
+                for name in builds:
+                    ratio = statistics.median(d / s for d, s in zip(times["dense"], times[name]))
+                    sparse_s = statistics.median(times[name])
+                    line += (f" | {name} {sparse_s * 1e3:7.2f} ms x{ratio:5.2f} "
+                             f"eff {2 * prepared.nnz * size * size / sparse_s / 1e9:5.1f} GFLOP/s")
+                print(line)
 
 
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="dense vs sparse CPU kernel per layer, CPU time")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--against", help="another build's _sparseconv*.so to compare in the same process")
+    parser.add_argument("--sizes", default="128,256")
+    args = parser.parse_args()
     with torch.no_grad():
-        cpu_time_table()
+        cpu_time_table(sizes=tuple(int(v) for v in args.sizes.split(",")), threads=args.threads,
+                       against=args.against)

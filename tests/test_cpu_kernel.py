@@ -210,8 +210,10 @@ def test_input_channel_chunks(monkeypatch, block):
     for chunk in ("1", "5"):
         monkeypatch.setenv("SPARSESR_CPU_CHUNK", chunk)
         for isa in ISAS:
-            out = cpu.conv2d(x, prepared, bias, relu=True, residual=residual, res_scale=0.5, isa=isa)
-            assert_matches(out, expected)
+            for band_rows in (1, 5):  # 5: register tiles of 3 and 2 rows
+                out = cpu.conv2d(x, prepared, bias, relu=True, residual=residual, res_scale=0.5, isa=isa,
+                                 band_rows=band_rows)
+                assert_matches(out, expected)
 
 
 @pytest.mark.parametrize("pool", ["default", "pthreads"])

@@ -35,7 +35,8 @@ static KTARGET __attribute__((noinline)) void FN(finish_partial)(VEC v, const fl
 }
 
 /* The epilogue of one output channel of a register tile, set up once per channel so that the
- * per-vector work is a few instructions (per-vector checks cost ~7 % of a 90 %-sparse layer).
+ * per-vector work is a few instructions (per-vector checks had cost 4 % of a 90 %-sparse
+ * 128² layer, 8-14 % at 98 %).
  * Plain values, no pointers to them: they stay in registers next to the accumulators. */
 typedef struct {
     float *out;        /* output at the register tile's first pixel */
@@ -195,14 +196,25 @@ static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, in
         FN(finish)(&e, acc3[v], v * VW, LANES(v, valid));
 }
 
-/* Instantiate the register tiles for every compile-time width 1..NV so the accumulators live
- * in registers (a run-time nv would force them to memory). */
-#define TILE_ARGS t, in, g, begin, end, stage, pix
+/* Partial sums of one group's register tile in the stage. */
+#define STAGE_G1 (NR1 * NV1 * VW)
+#define STAGE_G4 (4 * NV4 * VW)
+
+/* One register-tile position (a run of pixels of nr rows) for every group, over the nonzeros
+ * of one input-channel chunk (segments seg[g]..seg[g + 1]). The group loop sits inside each
+ * compile-time instantiation (every width 1..NV, every row count 1..NR1, so the accumulators
+ * live in registers; a run-time nv would force them to memory). One call per position instead
+ * of one per group: 2 % faster at 90 % sparsity, 5-9 % at 95-98 %. */
 #define TILE_FLAGS valid, first, last
-static KTARGET void FN(run_g1)(const Tile *t, const float *in, int g, int begin, int end,
-                              float *stage, size_t pix, int nr, int nv, int valid, int first, int last)
+static KTARGET void FN(run_g1)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
+                              int nr, int nv, int valid, int first, int last)
 {
-#define G1(nr_, nv_) FN(tile_g1)(TILE_ARGS, nr_, nv_, TILE_FLAGS); return
+    const int n_groups = t->a->n_groups;
+#define G1(nr_, nv_) \
+    for (int g = 0; g < n_groups; g++) \
+        FN(tile_g1)(t, in, g, seg[g], seg[g + 1], t->stage + (size_t)g * STAGE_G1, pix, nr_, nv_, \
+                    TILE_FLAGS); \
+    return
 #define G1_ROWS(nr_) \
     switch (nv) { \
     case 4: G1(nr_, 4); \
@@ -223,21 +235,27 @@ static KTARGET void FN(run_g1)(const Tile *t, const float *in, int g, int begin,
 #undef G1
 }
 
-static KTARGET void FN(run_g4)(const Tile *t, const float *in, int g, int begin, int end,
-                              float *stage, size_t pix, int nv, int valid, int first, int last)
+static KTARGET void FN(run_g4)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
+                              int nv, int valid, int first, int last)
 {
+    const int n_groups = t->a->n_groups;
+#define G4(nv_) \
+    for (int g = 0; g < n_groups; g++) \
+        FN(tile_g4)(t, in, g, seg[g], seg[g + 1], t->stage + (size_t)g * STAGE_G4, pix, nv_, \
+                    TILE_FLAGS); \
+    return
     switch (nv) {
 #if NV4 >= 4
-    case 4: FN(tile_g4)(TILE_ARGS, 4, TILE_FLAGS); break;
+    case 4: G4(4);
 #endif
 #if NV4 >= 3
-    case 3: FN(tile_g4)(TILE_ARGS, 3, TILE_FLAGS); break;
+    case 3: G4(3);
 #endif
-    case 2: FN(tile_g4)(TILE_ARGS, 2, TILE_FLAGS); break;
-    default: FN(tile_g4)(TILE_ARGS, 1, TILE_FLAGS); break;
+    case 2: G4(2);
+    default: G4(1);
     }
+#undef G4
 }
-#undef TILE_ARGS
 #undef TILE_FLAGS
 
 KTARGET void FN(tile)(const Tile *t)
@@ -247,7 +265,6 @@ KTARGET void FN(tile)(const Tile *t)
     const int nv_max = g4 ? NV4 : NV1;
     const int full = nv_max * VW;
     const int nr_max = g4 ? 1 : NR1;
-    const int stage_per_group = g4 ? 4 * full : NR1 * full;
     for (int r = 0; r < t->rows; r += nr_max) {
         /* G = 1 tiles cover up to NR1 rows; the last rows of the band may be fewer */
         const int nr = g4 ? 1 : (t->rows - r < NR1 ? t->rows - r : NR1);
@@ -267,19 +284,18 @@ KTARGET void FN(tile)(const Tile *t)
             }
             const float *in = t->buf + (size_t)r * t->wp + start;
             const size_t pix = row_pix + start;
-            const int32_t *seg = t->seg_ptr;
             for (int chunk = 0; chunk < t->n_chunks; chunk++) {
                 const int first = chunk == 0, last = chunk == t->n_chunks - 1;
-                for (int g = 0; g < a->n_groups; g++, seg++) {
-                    float *stage = t->stage + (size_t)g * stage_per_group;
-                    if (g4)
-                        FN(run_g4)(t, in, g, seg[0], seg[1], stage, pix, nv, valid, first, last);
-                    else
-                        FN(run_g1)(t, in, g, seg[0], seg[1], stage, pix, nr, nv, valid, first, last);
-                }
+                const int32_t *seg = t->seg_ptr + (size_t)chunk * a->n_groups;
+                if (g4)
+                    FN(run_g4)(t, in, seg, pix, nv, valid, first, last);
+                else
+                    FN(run_g1)(t, in, seg, pix, nr, nv, valid, first, last);
             }
         }
     }
     V_FENCE(); /* order the streaming stores before the tile is reported done */
 }
+#undef STAGE_G1
+#undef STAGE_G4
 #undef LANES
