@@ -92,9 +92,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = Path(__file__).resolve().parents[1] / "sparsesr" / "assets" / "sample.png"
     parser.add_argument("-o", "--out", type=Path, default=default)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="tile the sample N x N times (4 gives the 1024x1024 image of the upscale timing)")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    render().save(args.out, optimize=True)
+    image = render()
+    if args.repeat > 1:
+        tiled = Image.new("RGB", (image.width * args.repeat, image.height * args.repeat))
+        for i in range(args.repeat):
+            for j in range(args.repeat):
+                tiled.paste(image, (i * image.width, j * image.height))
+        image = tiled
+    image.save(args.out, optimize=True)
     print(f"wrote {args.out} ({args.out.stat().st_size:,} bytes)")
 
 
