@@ -18,6 +18,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from sparsesr.fileio import atomic_write_bytes
+
 
 def load_results(paths: list[str | Path], machine: str | None = None) -> dict:
     """Merge pytest-benchmark JSON files into ``{"machine", "date", "machine_info", "commit_info", "rows"}``."""
@@ -185,10 +187,11 @@ def headline(results: dict, stem: str, results_dir: str = "bench/results") -> st
 def update_readme(readme: Path, block: str) -> None:
     """Replace the text between the bench markers of ``readme`` with ``block``."""
     text = readme.read_text()
-    start, end = text.find(README_START), text.find(README_END)
-    if start < 0 or end < start:
+    start = text.find(README_START)
+    end = text.find(README_END, start) if start >= 0 else -1
+    if end < 0:
         raise ValueError(f"{readme}: no {README_START} ... {README_END} block to replace")
-    readme.write_text(text[:start] + block + text[end + len(README_END):])
+    atomic_write_bytes(readme, (text[:start] + block + text[end + len(README_END):]).encode())
 
 
 def _config(row: dict) -> str:

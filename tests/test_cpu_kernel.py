@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -329,3 +332,28 @@ def test_should_use_sparse_really_measures(monkeypatch):
     monkeypatch.setattr(cpu, "_DECISIONS", {})
     prepared = cpu.prepare_dense(sparse_weight(16, 16, 3, 0.05))
     assert isinstance(cpu.should_use_sparse(prepared, 20, 20), bool)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_hang(tmp_path):
+    # libgomp's thread team does not survive fork(); the kernel must not use it in a child.
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import os, signal, torch\n"
+        "from sparsesr.kernels import cpu\n"
+        "torch.set_num_threads(2)\n"
+        "w = torch.randn(8, 8, 3, 3); w[w.abs() < 1] = 0\n"
+        "p = cpu.prepare_dense(w); x = torch.randn(1, 8, 64, 64)\n"
+        "cpu.conv2d(x, p)\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    signal.alarm(30)\n"
+        "    y = cpu.conv2d(x, p)\n"
+        "    torch.set_num_threads(1)  # torch's own team does not survive fork either\n"
+        "    ok = torch.allclose(y, torch.nn.functional.conv2d(x, w, padding=1), atol=1e-3)\n"
+        "    os._exit(0 if ok else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "raise SystemExit(os.waitstatus_to_exitcode(status))\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], timeout=120)
+    assert done.returncode == 0

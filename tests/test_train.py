@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from sparsesr.errors import ConfigError
 from sparsesr.models.checkpoint import load_checkpoint
 from sparsesr.train import load_config, train
 from sparsesr.train import loop as train_loop
@@ -122,6 +123,9 @@ def test_init_from_another_scale_keeps_everything_but_the_upsampler(tmp_path, im
     train(_config(image_folder, "train.iterations=2"), tmp_path / "x2", progress=False)
     parent = load_checkpoint(tmp_path / "x2" / "model.safetensors").state_dict
     cfg = _config(image_folder, "train.iterations=2", "model.scale=4", f"model.init={tmp_path / 'x2' / 'model.safetensors'}")
+    with pytest.raises(ConfigError, match="init_other_scale"):  # a forgotten `scale` must not pass silently
+        train_loop._initial_model(cfg)
+    cfg.model.init_other_scale = True
 
     model, meta = train_loop._initial_model(cfg)
     start = model.state_dict()

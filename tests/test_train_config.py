@@ -21,6 +21,8 @@ def test_none_override_restores_the_default(tmp_path):
     cfg = load_config(path, ["prune.shrink=none", "model.init=None"])
     assert cfg.prune == {"method": "dup", "sparsity": 0.9}
     assert cfg.model.init is None
+    with pytest.raises(ConfigError, match="not a known setting"):
+        load_config(path, ["prune.shrnk=none"])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "sparseconv.h"
 
@@ -152,12 +153,14 @@ static void *worker(void *arg)
  * right after a dense torch conv took twice as long on 2 threads). So when the process has an
  * OpenMP runtime loaded (torch's libgomp, or another one with libgomp's entry points), the
  * workers run on that runtime's team: GOMP_parallel(fn, data, threads, flags) runs fn(data) on
- * `threads` threads, the caller included, reusing the spinning ones. Without one, or with
- * $SPARSESR_CPU_POOL=pthreads, each call starts POSIX threads. */
+ * `threads` threads, the caller included, reusing the spinning ones. Without one, with
+ * $SPARSESR_CPU_POOL=pthreads, or in a child forked from the process that loaded this module
+ * (libgomp's team does not survive fork: the call would hang), each call starts POSIX threads. */
 typedef void (*GompParallel)(void (*fn)(void *), void *data, unsigned threads, unsigned flags);
 
 static GompParallel gomp_parallel;
 static pthread_once_t gomp_once = PTHREAD_ONCE_INIT;
+static pid_t loader_pid; /* set when the module is imported */
 
 static void find_gomp_parallel(void)
 {
@@ -176,7 +179,7 @@ static void run_workers(Job *job, int threads)
 {
     const char *pool = getenv("SPARSESR_CPU_POOL");
     pthread_once(&gomp_once, find_gomp_parallel);
-    if (threads > 1 && gomp_parallel && !(pool && strcmp(pool, "pthreads") == 0)) {
+    if (threads > 1 && gomp_parallel && getpid() == loader_pid && !(pool && strcmp(pool, "pthreads") == 0)) {
         gomp_parallel(gomp_worker, job, (unsigned)threads, 0);
         return;
     }
@@ -412,5 +415,6 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__sparseconv(void)
 {
+    loader_pid = getpid();
     return PyModule_Create(&module);
 }

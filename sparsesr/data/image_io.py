@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,15 @@ def _is_deep_tiff(path: Path) -> bool:
         return False
     deep = page.bitspersample == 16 and page.sampleformat == tifffile.SAMPLEFORMAT.UINT
     colour = page.photometric in (tifffile.PHOTOMETRIC.RGB, tifffile.PHOTOMETRIC.MINISBLACK)
-    return deep and colour and page.samplesperpixel > 1
+    if not (deep and colour and page.samplesperpixel > 1):
+        return False
+    try:  # LZW and JPEG need the optional imagecodecs package
+        tifffile.TIFF.DECOMPRESSORS[page.compression]
+    except Exception:  # noqa: BLE001 - tifffile raises various errors for a missing codec
+        warnings.warn(f"{path}: 16-bit TIFF with {page.compression.name} compression is read at 8 bits "
+                      "(pip install imagecodecs to keep 16 bits)", stacklevel=3)
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ class ModelSection:
     arch: str = "edsr-cpu"
     scale: int = 2
     init: str | None = None  # checkpoint to start from (fine-tuning, pruning a trained model)
+    init_other_scale: bool = False  # allow `init` of another scale: all but its upsampler is loaded
     n_resblocks: int | None = None  # override the preset's depth / width (small test models)
     n_feats: int | None = None
 
@@ -135,7 +136,15 @@ def apply_override(raw: dict, item: str) -> None:
     if not sep or len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.iterations=500")
     if text.strip().lower() == "none":
-        raw.get(parts[0], {}).pop(parts[1], None)
+        section, name = parts
+        cls = _SECTIONS.get(section)
+        known = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        table = raw.get(section)
+        present = isinstance(table, dict) and name in table
+        if not present and name not in known:  # a typo would otherwise pass silently
+            raise ConfigError(f"override {item!r}: {section}.{name} is not a known setting, nothing to reset")
+        if present:
+            del table[name]
         return
     try:
         value = tomllib.loads(f"v = {text}")["v"]

@@ -189,6 +189,9 @@ def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
         model = model_from_config(ckpt.config)
         load_state_dict_strict(model, ckpt.state_dict, source=cfg.model.init)
         return model, {"init": init}
+    if not cfg.model.init_other_scale:
+        raise ConfigError(f"model.init {cfg.model.init} is a x{ckpt.config.scale} model, but model.scale is "
+                          f"{cfg.model.scale} (set model.init_other_scale = true to start from it without its upsampler)")
     # A model of another scale shares everything but the upsampler (the usual way to start x4
     # from x2): load those weights and leave the new upsampler freshly initialised.
     model = model_from_config(dataclasses.replace(ckpt.config, scale=cfg.model.scale))
