@@ -338,7 +338,14 @@ def test_api_rejects_other_types():
 # --- registry ---------------------------------------------------------------------------------
 
 
-def test_models_listing(capsys):
+def test_models_listing(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from sparsesr.pretrained import EMBEDDED_MODELS, model_dir
+
+    # a model folder holding only the x2 file: x4 and fast are listed as not installed
+    shutil.copy(model_dir() / EMBEDDED_MODELS["x2"].filename, tmp_path)
+    monkeypatch.setenv("SPARSESR_MODEL_DIR", str(tmp_path))
     rows = {row["name"]: row for row in list_models()}
     assert rows["x2"]["present"] and not rows["x4"]["present"]
     assert rows["x2"]["scale"] == 2 and 0 <= rows["x2"]["sparsity"] <= 1 and rows["x2"]["size_bytes"] > 0
