@@ -367,3 +367,21 @@ def test_16bit_rgb_tiff_stays_16bit_rgb_tiff(tmp_path):
     out = read_image(tmp_path / "deep_x2.tif")
     assert out.bit_depth == 16 and out.mode == "RGB" and out.size == (20, 24)
     assert (torch.round(out.pixels * 65535) % 257 != 0).any()  # real 16-bit values, not 8-bit ones stretched
+
+
+def test_shipped_models_are_as_sparse_as_promised():
+    # The package's own files (not the tiny test models): `fast` >= 89% sparse over its pruned
+    # layers, the defaults >= 75%; scale and architecture as the registry says.
+    from pathlib import Path
+
+    from sparsesr.format import read_file
+
+    shipped = Path(sparsesr.__file__).parent / "assets" / "models"
+    floors = {"x2": 0.75, "x4": 0.75, "fast": 0.89}
+    for name, entry in EMBEDDED_MODELS.items():
+        path = shipped / entry.filename
+        if not path.is_file():
+            continue
+        summary = read_file(path).summary()
+        assert summary["sparsity"] >= floors[name] and summary["scale"] == entry.scale, name
+    assert (shipped / EMBEDDED_MODELS["x2"].filename).is_file() and (shipped / EMBEDDED_MODELS["fast"].filename).is_file()
