@@ -51,11 +51,11 @@ dup-x2-s90-noshrink configs/dup-x2.toml 0.9 0 --set prune.shrink=none
 JOBS
 xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set train.seed="$3" "${@:4}" && evaluate "$0"' < runs/x2-jobs.txt
 
-# The longer-trained parent (2500 more steps from dense-x2's checkpoint), and dup at 75% and 90% from it:
+# The longer-trained parent (2500 more steps from dense-x2's checkpoint), and dup at 65, 75 and 90% from it:
 # the shipped models (docs/models.md).
 train dense-x2-long configs/dense-x2-long.toml
 evaluate dense-x2-long &
-for s in 75 90; do
+for s in 65 75 90; do
     train dup-x2-long-s$s configs/dup-x2.toml --set model.init=runs/dense-x2-long/model.safetensors \
         --set prune.sparsity=0.$s && evaluate dup-x2-long-s$s
 done
