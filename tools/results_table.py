@@ -34,20 +34,32 @@ def collect(runs: Path) -> list[dict]:
             info = describe_model_file(model)
             pruning = info.get("pruning") or {}
             method = pruning.get("method") or (pruning.get("config") or {}).get("method") or "dense"
-            seed = re.search(r"seed(\d+)", name)
+            seed = re.search(r"seed(\d+)", name)  # the name's, else the run config's
             # an ablation's name ends in what it switched off: dup-x2-s90-noshrink
             variant = re.search(r"-s\d+(?:-seed\d+)?-(no\w+)$", name)
-            init = load_checkpoint(model).metadata.get("init") or {}
-            row.update(method=method, sparsity=info["sparsity"], seed=int(seed.group(1)) if seed else 0,
+            metadata = load_checkpoint(model).metadata
+            init = metadata.get("init") or {}
+            config_seed = (metadata.get("train_config") or {}).get("train", {}).get("seed", 0)
+            row.update(method=method, sparsity=info["sparsity"], seed=int(seed.group(1)) if seed else config_seed,
                        scale=info["scale"], variant=variant.group(1) if variant else None,
                        parent=Path(init["path"]).parent.name if init.get("path") else None)
         log = eval_json.parent / "log.jsonl"
         times = [json.loads(line).get("time") for line in log.read_text().splitlines()] if log.is_file() else []
-        row["seconds"] = max((t for t in times if t is not None), default=None)
+        row["seconds"] = wall_seconds([t for t in times if t is not None])
         rows.append(row)
     order = {"bicubic": 0, "dense": 1}
     return sorted(rows, key=lambda r: (r["scale"], order.get(r["method"], 2), round(r["sparsity"], 2), r["method"],
                                        r["variant"] or "", r["seed"] or 0))
+
+
+def wall_seconds(times: list[float]) -> float | None:
+    """Training wall time from the log's running clock, which restarts at 0 when a run is resumed."""
+    total, last = 0.0, 0.0
+    for t in times:
+        if t < last:  # a resume: the previous segment ended at `last`
+            total += last
+        last = t
+    return total + last if times else None
 
 
 def experiments(rows: list[dict]) -> dict[tuple[int, str], list[dict]]:
