@@ -125,6 +125,16 @@ static KTARGET ALWAYS_INLINE void FN(tile_g1)(const Tile *t, const float *in, in
             FN(finish)(&e, acc[r][v], r * w + v * VW, LANES(v, valid));
 }
 
+/* The epilogue of one output channel's register tile (one row of nv vectors). */
+static KTARGET ALWAYS_INLINE void FN(finish_channel)(const Tile *t, const VEC *acc, int oc, size_t pix, int nv,
+                                                    int valid)
+{
+    FN(Epilogue) e = FN(epilogue)(t, oc, pix);
+#pragma GCC unroll 8
+    for (int v = 0; v < nv; v++)
+        FN(finish)(&e, acc[v], v * VW, LANES(v, valid));
+}
+
 /* Blocks: 4 output channels sharing nonzero positions; each input load feeds 4 accumulators. */
 static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, int g, int begin,
                                              int end, float *stage, size_t pix, int nv, int valid,
@@ -172,28 +182,13 @@ static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, in
     }
     /* channels past c_out (padding of the last group) are computed and never stored */
     const int c_out = t->a->c_out, oc = 4 * g;
-    FN(Epilogue) e = FN(epilogue)(t, oc, pix);
-#pragma GCC unroll 8
-    for (int v = 0; v < nv; v++)
-        FN(finish)(&e, acc0[v], v * VW, LANES(v, valid));
-    if (oc + 1 >= c_out)
-        return;
-    e = FN(epilogue)(t, oc + 1, pix);
-#pragma GCC unroll 8
-    for (int v = 0; v < nv; v++)
-        FN(finish)(&e, acc1[v], v * VW, LANES(v, valid));
-    if (oc + 2 >= c_out)
-        return;
-    e = FN(epilogue)(t, oc + 2, pix);
-#pragma GCC unroll 8
-    for (int v = 0; v < nv; v++)
-        FN(finish)(&e, acc2[v], v * VW, LANES(v, valid));
-    if (oc + 3 >= c_out)
-        return;
-    e = FN(epilogue)(t, oc + 3, pix);
-#pragma GCC unroll 8
-    for (int v = 0; v < nv; v++)
-        FN(finish)(&e, acc3[v], v * VW, LANES(v, valid));
+    FN(finish_channel)(t, acc0, oc, pix, nv, valid);
+    if (oc + 1 < c_out)
+        FN(finish_channel)(t, acc1, oc + 1, pix, nv, valid);
+    if (oc + 2 < c_out)
+        FN(finish_channel)(t, acc2, oc + 2, pix, nv, valid);
+    if (oc + 3 < c_out)
+        FN(finish_channel)(t, acc3, oc + 3, pix, nv, valid);
 }
 
 /* Partial sums of one group's register tile in the stage. */
