@@ -29,8 +29,9 @@ export DATA
 mkdir -p runs
 
 mkdir -p runs/bicubic-x2
-[ -f runs/bicubic-x2/eval.json ] || sparsesr eval -q --json --model bicubic --scale 2 \
-    --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > runs/bicubic-x2/eval.json
+[ -f runs/bicubic-x2/eval.json ] || { sparsesr eval -q --json --model bicubic --scale 2 \
+    --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > runs/bicubic-x2/eval.json.tmp \
+    && mv runs/bicubic-x2/eval.json.tmp runs/bicubic-x2/eval.json; }
 train dense-x2 configs/dense-x2.toml
 evaluate dense-x2 &  # overlaps the first pruning runs
 

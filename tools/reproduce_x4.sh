@@ -10,8 +10,8 @@ SETS=("$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100")
 export OMP_NUM_THREADS=1
 mkdir -p runs/bicubic-x4
 
-[ -f runs/bicubic-x4/eval.json ] || sparsesr eval -q --json --model bicubic --scale 4 --data "${SETS[@]}" \
-    > runs/bicubic-x4/eval.json
+[ -f runs/bicubic-x4/eval.json ] || { sparsesr eval -q --json --model bicubic --scale 4 --data "${SETS[@]}" \
+    > runs/bicubic-x4/eval.json.tmp && mv runs/bicubic-x4/eval.json.tmp runs/bicubic-x4/eval.json; }
 [ -f runs/dup-x4-s75/model.safetensors ] || sparsesr train -q -c configs/dup-x4.toml -o runs/dup-x4-s75 \
     --set train.threads=1 > runs/dup-x4-s75.log 2>&1
 [ -f runs/dup-x4-s75/eval.json ] || {
