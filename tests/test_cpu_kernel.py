@@ -112,6 +112,22 @@ def test_fused_epilogue(isa, block):
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block", [1, 4])
+@pytest.mark.parametrize("scale,h,w", [(2, 1, 1), (2, 7, 33), (2, 16, 16), (3, 5, 9)])
+def test_fused_pixel_shuffle(isa, block, scale, h, w):
+    """shuffle=s stores F.pixel_shuffle(conv, s) directly, with every band and register-tile shape."""
+    c_out = 4 * scale * scale
+    weight = sparse_weight(c_out, 5, 3, density=0.3, block=block, seed=h * w)
+    x, bias = torch.randn(2, 5, h, w), torch.randn(c_out)
+    prepared = cpu.prepare_dense(weight)
+    expected = F.pixel_shuffle(reference(x, weight, bias, relu=True), scale)
+    for band_rows in (0, 1, 5):
+        out = cpu.conv2d(x, prepared, bias, relu=True, shuffle=scale, isa=isa, band_rows=band_rows)
+        assert out.shape == expected.shape
+        assert_matches(out, expected)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_empty_and_dense_rows(isa):
     weight = sparse_weight(8, 16, 3, density=0.1)
     weight[0] = 0.0                       # an output channel with no nonzeros: bias only
@@ -265,6 +281,9 @@ def test_bad_inputs_raise_value_error():
         lambda: cpu.conv2d(x, prepared, bias=torch.randn(5)),            # bias shape
         lambda: cpu.conv2d(x, prepared, residual=torch.randn(1, 4, 5, 4)),  # residual shape
         lambda: cpu.conv2d(x, prepared, isa="sse9"),
+        lambda: cpu.conv2d(x, prepared, shuffle=3),                      # 4 channels: not 3 x 3
+        lambda: cpu.conv2d(x, prepared, shuffle=0),
+        lambda: cpu.conv2d(x, prepared, shuffle=2, residual=torch.randn(1, 4, 5, 5)),
         lambda: cpu.conv2d(torch.randn(0, 3, 5, 5), prepared),           # empty
         lambda: cpu.prepare_dense(torch.randn(4, 3, 2, 2)),              # even kernel
         lambda: cpu.prepare_dense(torch.randn(4, 3, 3)),                 # 3-D weight

@@ -83,9 +83,10 @@ def test_reproduces_the_pruned_dense_model(tmp_path, scale, layout, dtype, backe
     assert relative_error(y, reference) < TOLERANCE[dtype]
     report = sparse.backend_report()
     paths = {row["name"]: row["path"] for row in report["layers"]}
-    assert paths["head.0"] == paths["tail.1"] == "dense"  # stored dense
-    if backend in ("dense", "cpu"):
-        assert paths["body.0.body.0"] == backend
+    assert sparse.head[0].layout == sparse.tail[1].layout == "dense"
+    assert [m.shuffle for m in sparse.tail[0] if isinstance(m, SparseConv2d)] == [2] * (scale // 2)  # fused
+    if backend in ("dense", "cpu"):  # a forced backend runs every layer, stored dense or not
+        assert set(paths.values()) == {backend}
     assert all(row["reason"] != "not run yet" for row in report["layers"])
 
 
@@ -220,3 +221,26 @@ def test_damaged_file_raises_format_error(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(SparseFormatError):
         runtime.load(tmp_path / "m.safetensors", device="cpu")
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("kernel_faster", [True, False])
+def test_auto_runs_layers_stored_dense_on_the_cpu_kernel_where_measured_faster(tmp_path, monkeypatch, kernel_faster):
+    """EDSR's first and last convs are stored dense; on the CPU the kernel's crossover decides them too."""
+    model = pruned_model()
+    export(checkpoint_of(model), tmp_path / "m.safetensors", dtype="fp32", layout="csr")
+    cpu = backends.kernel("cpu")
+    asked = []
+
+    def measured(prepared, h, w):
+        asked.append(prepared.out_channels)
+        return kernel_faster
+
+    monkeypatch.setattr(cpu, "should_use_sparse", measured)
+    sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="auto")
+    x = torch.rand(1, 3, 9, 11)
+    assert relative_error(run(sparse, x), run(model, x)) < TOLERANCE["fp32"]
+    paths = {row["name"]: row["path"] for row in sparse.backend_report()["layers"]}
+    expected = "cpu" if kernel_faster else "dense"
+    assert paths["head.0"] == paths["tail.1"] == paths["body.0.body.0"] == expected
+    assert 3 in asked  # the 16 -> 3 last conv was measured, not assumed

@@ -294,11 +294,13 @@ def _activation(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = None, relu: bool = False,
            residual: torch.Tensor | None = None, res_scale: float = 1.0, isa: str | None = None,
-           band_rows: int = 0, band_cols: int = 0) -> torch.Tensor:
+           band_rows: int = 0, band_cols: int = 0, shuffle: int = 1) -> torch.Tensor:
     """Stride-1 zero-padded conv with the fused epilogue ``residual + res_scale * relu(conv + bias)``.
 
     x is float32 NCHW on the CPU; ``isa`` forces a code path (default: ``isa()``);
-    band_rows / band_cols override the cache tile size (0: automatic).
+    band_rows / band_cols override the cache tile size (0: automatic). ``shuffle=s`` > 1 stores
+    the result pixel-shuffled, ``F.pixel_shuffle(conv2d(...), s)`` without the extra pass over
+    memory (an upsampler's conv; no residual then).
     """
     if _sparseconv is None:
         raise RuntimeError(f"sparse CPU kernel unavailable ({_IMPORT_ERROR})")
@@ -321,8 +323,13 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
         bias = bias.detach().to("cpu", torch.float32).contiguous()
     if residual is not None:
         residual = _activation("residual", residual, (n, c_out, h, w))
+    if not isinstance(shuffle, int) or shuffle < 1 or c_out % (shuffle * shuffle):
+        raise ValueError(f"shuffle must be a positive int whose square divides the {c_out} output channels, "
+                         f"got {shuffle!r}")
+    if shuffle > 1 and residual is not None:
+        raise ValueError("shuffle > 1 cannot be combined with a residual")
     code = _ISA_CODES[_check_isa(isa.lower()) if isa else _default_isa()]
-    out = torch.empty(n, c_out, h, w)
+    out = torch.empty(n, c_out // shuffle**2, h * shuffle, w * shuffle)
     _sparseconv.conv2d(
         x.data_ptr(), out.data_ptr(), n, c_in, h, w, c_out, prepared.kh, prepared.kw,
         prepared.group, prepared.group_ptr.numel() - 1, prepared.group_ptr.data_ptr(),
@@ -330,6 +337,7 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
         bias.data_ptr() if bias is not None else 0, bool(relu),
         residual.data_ptr() if residual is not None else 0, float(res_scale),
         max(1, torch.get_num_threads()), code, int(band_rows), int(band_cols),
+        *((-1, shuffle) if shuffle > 1 else ()),  # builds before shuffle take no 24th argument
     )
     return out
 

@@ -345,7 +345,7 @@ static void *as_ptr(unsigned long long p)
 
 PyDoc_STRVAR(conv2d_doc,
     "conv2d(x, out, n, c_in, h, w, c_out, kh, kw, group, n_groups, group_ptr, nz_k, nz_val,\n"
-    "       bias, relu, residual, res_scale, threads, isa, band_rows, band_cols)\n"
+    "       bias, relu, residual, res_scale, threads, isa, band_rows, band_cols, stream=-1, shuffle=1)\n"
     "Raw-pointer direct sparse convolution; use sparsesr.kernels.cpu.conv2d instead.\n"
     "Pointers are integers (0 for no bias / residual); isa: 0 scalar, 1 avx2, 2 avx512.");
 
@@ -354,14 +354,16 @@ static PyObject *py_conv2d(PyObject *self, PyObject *args)
     (void)self;
     unsigned long long x, out, group_ptr, nz_k, nz_val, bias, residual;
     int n, c_in, h, w, c_out, kh, kw, group, n_groups, relu, threads, isa, band_rows, band_cols;
-    int stream = -1;
+    int stream = -1, shuffle = 1;
     float res_scale;
-    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiKKKKpKfiiii|i", &x, &out, &n, &c_in, &h, &w, &c_out,
+    if (!PyArg_ParseTuple(args, "KKiiiiiiiiiKKKKpKfiiii|ii", &x, &out, &n, &c_in, &h, &w, &c_out,
                           &kh, &kw, &group, &n_groups, &group_ptr, &nz_k, &nz_val, &bias, &relu,
-                          &residual, &res_scale, &threads, &isa, &band_rows, &band_cols, &stream))
+                          &residual, &res_scale, &threads, &isa, &band_rows, &band_cols, &stream,
+                          &shuffle))
         return NULL;
     if (n < 1 || c_in < 1 || h < 1 || w < 1 || c_out < 1 || kh < 1 || kw < 1 || kh % 2 == 0 ||
         kw % 2 == 0 || (group != 1 && group != 4) || n_groups != (c_out + group - 1) / group ||
+        shuffle < 1 || c_out % (shuffle * shuffle) != 0 || (shuffle > 1 && residual) ||
         !x || !out || !group_ptr ||
         ((!nz_k || !nz_val) && ((const int32_t *)as_ptr(group_ptr))[n_groups] > 0)) {
         PyErr_SetString(PyExc_ValueError, "_sparseconv.conv2d: invalid sizes or null pointer");
@@ -374,11 +376,14 @@ static PyObject *py_conv2d(PyObject *self, PyObject *args)
     ConvArgs a = {
         .x = as_ptr(x), .out = as_ptr(out), .residual = as_ptr(residual), .bias = as_ptr(bias),
         .n = n, .c_in = c_in, .h = h, .w = w, .c_out = c_out, .kh = kh, .kw = kw,
-        .relu = relu, .stream = stream, .res_scale = res_scale, .group = group, .n_groups = n_groups,
+        .relu = relu, .stream = stream, .shuffle = shuffle, .res_scale = res_scale, .group = group,
+        .n_groups = n_groups,
         .group_ptr = as_ptr(group_ptr), .nz_k = as_ptr(nz_k), .nz_val = as_ptr(nz_val),
     };
     if (stream < 0) /* auto: stream outputs that do not fit the L2 caches anyway */
         a.stream = (double)n * c_out * h * w * sizeof(float) > 2.0 * 1024 * 1024;
+    if (shuffle > 1) /* strided single-float stores: streaming ones would write partial lines */
+        a.stream = 0;
     int status;
     Py_BEGIN_ALLOW_THREADS
     status = run_conv(&a, isa, threads, band_rows, band_cols);

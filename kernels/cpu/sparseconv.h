@@ -19,6 +19,7 @@ typedef struct {
     int n, c_in, h, w, c_out, kh, kw;
     int relu;
     int stream;            /* use streaming (non-temporal) stores for the output */
+    int shuffle;           /* s > 1: write out pixel-shuffled, [n, c_out / s^2, h * s, w * s] */
     float res_scale;
     /* weights */
     int group;               /* G: output channels per group (1 or 4) */

@@ -43,14 +43,25 @@ typedef struct {
     const float *res;  /* residual there, or NULL */
     VEC bias, scale;   /* bias (0 without one), res_scale */
     int relu, stream;
+    size_t row, step;  /* output floats between register-tile rows / between neighbouring pixels */
 } FN(Epilogue);
 
 static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, size_t pix)
 {
     const ConvArgs *a = t->a;
-    const size_t at = ((size_t)t->img * a->c_out + oc) * ((size_t)a->h * a->w) + pix;
+    const size_t plane = (size_t)a->h * a->w;
+    size_t at = ((size_t)t->img * a->c_out + oc) * plane + pix, row = (size_t)a->w, step = 1;
+    if (a->shuffle > 1) {
+        /* pixel shuffle: channel oc = (c * s + i) * s + j, pixel (y, x) -> out[c][y*s + i][x*s + j]
+         * (no residual, no streaming stores: checked by the binding) */
+        const size_t sh = (size_t)a->shuffle, c = (size_t)oc / (sh * sh), i = (size_t)oc / sh % sh,
+                     j = (size_t)oc % sh, y = pix / a->w, x = pix % a->w;
+        at = (size_t)t->img * a->c_out * plane + c * sh * sh * plane + (y * sh + i) * sh * a->w + x * sh + j;
+        row = sh * sh * a->w;
+        step = sh;
+    }
     FN(Epilogue) e = {
-        .out = a->out + at, .res = a->residual ? a->residual + at : NULL,
+        .out = a->out + at, .res = a->residual ? a->residual + at : NULL, .row = row, .step = step,
         .bias = V_SET1(a->bias ? a->bias[oc] : 0.0f), .scale = V_SET1(a->res_scale), .relu = a->relu,
         /* Streaming stores skip the read-for-ownership of output lines that are far from any
          * cache anyway: a tile writes to every output channel's plane, too many streams for
@@ -61,13 +72,26 @@ static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, si
     return e;
 }
 
+/* Lanes of a pixel-shuffled output go `step` floats apart. Out of line like finish_partial. */
+static KTARGET __attribute__((noinline)) void FN(finish_strided)(VEC v, float *dst, size_t step, int lanes)
+{
+    float tmp[VW];
+    V_STOREU(tmp, v);
+    for (int k = 0; k < lanes; k++)
+        dst[k * step] = tmp[k];
+}
+
 /* acc -> + bias -> (relu) -> (residual + res_scale * y) -> store the first `lanes` lanes at
- * pixel `at` of the epilogue's channel. */
+ * offset `at` (rows * e->row + pixels * e->step) of the epilogue's channel. */
 static KTARGET ALWAYS_INLINE void FN(finish)(const FN(Epilogue) *e, VEC v, size_t at, int lanes)
 {
     v = V_ADD(v, e->bias);
     if (e->relu)
         v = V_MAX(v, V_ZERO());
+    if (e->step != 1) {
+        FN(finish_strided)(v, e->out + at, e->step, lanes);
+        return;
+    }
     if (lanes < VW) {
         FN(finish_partial)(v, e->res ? e->res + at : NULL, e->scale, e->out + at, lanes);
         return;
@@ -92,7 +116,7 @@ static KTARGET ALWAYS_INLINE void FN(tile_g1)(const Tile *t, const float *in, in
 {
     const int32_t *off = t->off;
     const float *val = t->val;
-    const size_t wp = (size_t)t->wp, w = (size_t)t->a->w;
+    const size_t wp = (size_t)t->wp;
     VEC acc[NR1][NV1];
     /* unrolled before GCC's loop distribution could turn the zeroing into a memset call */
 #pragma GCC unroll 16
@@ -122,7 +146,7 @@ static KTARGET ALWAYS_INLINE void FN(tile_g1)(const Tile *t, const float *in, in
     for (int r = 0; r < nr; r++)
 #pragma GCC unroll 8
         for (int v = 0; v < nv; v++)
-            FN(finish)(&e, acc[r][v], r * w + v * VW, LANES(v, valid));
+            FN(finish)(&e, acc[r][v], r * e.row + v * VW * e.step, LANES(v, valid));
 }
 
 /* The epilogue of one output channel's register tile (one row of nv vectors). */
@@ -132,7 +156,7 @@ static KTARGET ALWAYS_INLINE void FN(finish_channel)(const Tile *t, const VEC *a
     FN(Epilogue) e = FN(epilogue)(t, oc, pix);
 #pragma GCC unroll 8
     for (int v = 0; v < nv; v++)
-        FN(finish)(&e, acc[v], v * VW, LANES(v, valid));
+        FN(finish)(&e, acc[v], v * VW * e.step, LANES(v, valid));
 }
 
 /* Blocks: 4 output channels sharing nonzero positions; each input load feeds 4 accumulators. */

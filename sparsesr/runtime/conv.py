@@ -1,11 +1,15 @@
 """``SparseConv2d``: a conv layer that keeps its weight in the file's layout and picks a kernel per call.
 
 Dispatch (``backend="auto"``), decided on every call from the input:
-- CUDA input and Triton available -> the Triton kernel for the layout (csr / bsr);
+- CUDA input and Triton available -> the Triton kernel for the layout (csr / bsr); a layer stored
+  dense runs dense (cuDNN);
 - CPU input and the compiled CPU kernel available -> that kernel where its measured crossover
-  (``should_use_sparse``) says it beats dense at this image size, else dense;
+  (``should_use_sparse``) says it beats dense at this image size, else dense. This holds for layers
+  stored dense too: oneDNN is slow on convs with few output channels (EDSR's last conv, 64 -> 3),
+  where the kernel's direct convolution wins;
 - anything else -> dense: ``torch.conv2d`` on the densified weight (always correct).
-A forced backend (``"triton"``, ``"cpu"``, ``"dense"``) skips the choice. Every path computes
+A forced backend (``"triton"``, ``"cpu"``, ``"dense"``) skips the choice; ``"triton"`` runs the
+layers stored dense with torch. Every path computes
 the same fused epilogue: ``y = conv(x) + bias``, ``relu`` if set, then ``residual + res_scale*y``.
 """
 from __future__ import annotations
@@ -31,6 +35,7 @@ class SparseConv2d(nn.Module):
         self.out_channels, self.in_channels, self.kh, self.kw = layer.shape
         self.block = layer.block
         self.relu = relu
+        self.shuffle = 1  # > 1: the output is pixel-shuffled (an upsampler's conv + nn.PixelShuffle)
         self.backend = backend
         # Values are kept in fp32 for computing (the file may store fp16/bf16); .half() etc. work as usual.
         for key, tensor in layer.tensors.items():
@@ -44,8 +49,9 @@ class SparseConv2d(nn.Module):
 
     def extra_repr(self) -> str:
         block = f", block={self.block}" if self.block else ""
+        shuffle = f", shuffle={self.shuffle}" if self.shuffle > 1 else ""
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
-                f"layout={self.layout}{block}, relu={self.relu}, backend={self.backend}")
+                f"layout={self.layout}{block}, relu={self.relu}{shuffle}, backend={self.backend}")
 
     @property
     def _values(self) -> torch.Tensor:
@@ -53,26 +59,29 @@ class SparseConv2d(nn.Module):
         return getattr(self, _VALUES_BUFFER[self.layout])
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, res_scale: float = 1.0) -> torch.Tensor:
+        if self.shuffle > 1 and residual is not None:
+            raise ValueError(f"{self.name}: a pixel-shuffled conv takes no residual")
         path, reason = self._choose_path(x)
-        if path == "triton":
-            y = self._run_triton(x, residual, res_scale)
-        elif path == "cpu":
+        if path == "cpu":  # the kernel stores the shuffled layout directly: no extra pass over memory
             cpu = backends.kernel("cpu")
             y = cpu.conv2d(x, self._cpu_prepared(), bias=self.bias, relu=self.relu, residual=residual,
-                           res_scale=res_scale)
+                           res_scale=res_scale, shuffle=self.shuffle)
         else:
-            y = self._run_dense(x, residual, res_scale)
+            run = self._run_triton if path == "triton" else self._run_dense
+            y = run(x, residual, res_scale)
+            if self.shuffle > 1:
+                y = F.pixel_shuffle(y, self.shuffle)
         self.last_path, self.last_reason = path, reason
         return y
 
     # --- dispatch ----------------------------------------------------------------------------
 
     def _choose_path(self, x: torch.Tensor) -> tuple[str, str]:
-        if self.layout == "dense":
+        device = x.device.type
+        if self.layout == "dense" and (self.backend == "triton" or device == "cuda"):
             return "dense", "stored dense in the file"
         if self.backend != "auto":
             return self.backend, f"backend={self.backend} requested"
-        device = x.device.type
         if device == "cuda":
             reason = backends.unavailable_reason("triton")
             return ("triton", "CUDA input, Triton kernel") if reason is None else ("dense", f"Triton unavailable: {reason}")
@@ -136,7 +145,9 @@ class SparseConv2d(nn.Module):
         key = (values.data_ptr(), values.dtype)
         if self._cpu_cache is None or self._cpu_cache[0] != key:
             cpu = backends.kernel("cpu")
-            if self.layout == "csr":
+            if self.layout == "dense":
+                prepared = cpu.prepare_dense(self.weight.float())
+            elif self.layout == "csr":
                 prepared = cpu.prepare_csr(self.row_ptr, self.col_idx, self.values.float(),
                                            self.in_channels, self.kh, self.kw)
             else:

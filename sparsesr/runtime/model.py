@@ -43,6 +43,13 @@ class SparseEDSR(EDSR):
         for i, block in enumerate(self.body):
             if isinstance(block, ResBlock):
                 self.body[i] = FusedResBlock(block.body[0], block.body[2], block.res_scale)
+        for sequence in self.tail.modules():  # upsampler: conv + PixelShuffle -> one shuffled conv
+            if isinstance(sequence, nn.Sequential):
+                for i in range(len(sequence) - 1):
+                    conv, shuffle = sequence[i], sequence[i + 1]
+                    if isinstance(conv, SparseConv2d) and isinstance(shuffle, nn.PixelShuffle):
+                        conv.shuffle = shuffle.upscale_factor
+                        sequence[i + 1] = nn.Identity()  # keeps the names of the layers after it
         for module_name, module in self.named_modules():  # mean shifts: plain buffers from the file
             if not isinstance(module, SparseConv2d):
                 for buffer_name, _ in list(module.named_buffers(recurse=False)):
