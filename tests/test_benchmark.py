@@ -67,10 +67,10 @@ def test_benchmark_model_on_exported_file(tiny_files):
     layers = result["layers"]
     assert [row["name"] for row in layers][0] == "head.0" and len(layers) == 6
     assert sum(result["paths"].values()) == 6
-    assert [row["path"] for row in layers if row["layout"] == "dense"] == ["dense", "dense"]
-    if SPARSE_BACKEND == "cpu":
-        assert result["paths"]["cpu"] == 4
-        assert all(row["path"] == "cpu" for row in layers if row["layout"] == "bsr")
+    assert [row["layout"] for row in layers].count("dense") == 2
+    if SPARSE_BACKEND == "cpu":  # forced: every layer, the two stored dense too
+        assert result["paths"] == {"cpu": 6}
+        assert all(row["path"] == "cpu" for row in layers)
     text = format_result(result)
     assert "speedup x" in text and "body.0.body.2" in text and "KB" in text
 

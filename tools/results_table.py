@@ -42,7 +42,7 @@ def collect(runs: Path) -> list[dict]:
             config_seed = (metadata.get("train_config") or {}).get("train", {}).get("seed", 0)
             row.update(method=method, sparsity=info["sparsity"], seed=int(seed.group(1)) if seed else config_seed,
                        scale=info["scale"], variant=variant.group(1) if variant else None,
-                       parent=Path(init["path"]).parent.name if init.get("path") else None)
+                       parent=parent_name(init.get("path")))
         log = eval_json.parent / "log.jsonl"
         times = [json.loads(line).get("time") for line in log.read_text().splitlines()] if log.is_file() else []
         row["seconds"] = wall_seconds([t for t in times if t is not None])
@@ -50,6 +50,15 @@ def collect(runs: Path) -> list[dict]:
     order = {"bicubic": 0, "dense": 1}
     return sorted(rows, key=lambda r: (r["scale"], order.get(r["method"], 2), round(r["sparsity"], 2), r["method"],
                                        r["variant"] or "", r["seed"] or 0))
+
+
+def parent_name(init_path: str | None) -> str | None:
+    """The run a model started from: runs/<name>/model.safetensors -> name; a kept file
+    (checkpoints/edsr-cpu-x2-dense-long.safetensors) -> its stem."""
+    if not init_path:
+        return None
+    path = Path(init_path)
+    return path.stem if path.parent.name == "checkpoints" else path.parent.name
 
 
 def wall_seconds(times: list[float]) -> float | None:
