@@ -107,3 +107,25 @@ def test_bicubic_reproduces_published_set5(scale):
 @pytest.mark.parametrize("scale", [2, 4])
 def test_bicubic_reproduces_published_set14_bsd100(scale):
     _check_published(scale, ["Set14", "BSD100"])
+
+
+# The project's quality bars for the embedded models (issue: `sparsesr upscale`; docs/models.md):
+# PSNR(Y) on Set5 above the published bicubic value by at least this many dB.
+SHIPPED_BARS = {"x2": 3.0, "x4": 1.5, "fast": 0.0}
+
+
+@needs_shared_data
+@pytest.mark.parametrize("name", sorted(SHIPPED_BARS))
+def test_shipped_models_meet_their_set5_bar(name):
+    """The shipped file itself (fp16 weights, sparse runtime), and the score its metadata claims."""
+    from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
+    from sparsesr.upscalers import resolve_upscaler
+
+    path = resolve_model(name)
+    upscaler = resolve_upscaler(str(path))
+    scale = EMBEDDED_MODELS[name].scale
+    assert upscaler.scale == scale
+    measured = evaluate(upscaler.fn, [SHARED_DATA / "val" / "Set5"], scale, progress=False)["Set5"]["psnr"]
+    assert measured > PUBLISHED[scale]["Set5"][0] + SHIPPED_BARS[name], measured
+    claimed = next(row for row in list_models() if row["name"] == name)["psnr"]["Set5"]  # `sparsesr models`
+    assert abs(measured - claimed) < 0.05, (measured, claimed)
