@@ -26,7 +26,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
         EmbeddedModel("x2", "edsr-cpu-x2.sparsesr.safetensors", 2, "default x2: pruned EDSR, balanced quality and speed"),
-        EmbeddedModel("x4", "edsr-cpu-x4.sparsesr.safetensors", 4, "default x4: pruned EDSR (provisional: +1.2 dB over bicubic)"),
+        EmbeddedModel("x4", "edsr-cpu-x4.sparsesr.safetensors", 4, "default x4: pruned EDSR, balanced quality and speed"),
         EmbeddedModel("fast", "edsr-cpu-x2-fast.sparsesr.safetensors", 2, "x2, >= 90% sparse: fastest, a little softer"),
     )
 }
