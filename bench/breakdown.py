@@ -28,20 +28,25 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
+def steps(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The forward's top-level steps: mean shifts, head, each residual block, the upsampler's parts, last conv."""
+    return ([("sub_mean", model.sub_mean)] + [(f"head.{i}", m) for i, m in enumerate(model.head)]
+            + [(f"body.{i}", m) for i, m in enumerate(model.body)]
+            + [(f"tail.0.{i}", m) for i, m in enumerate(model.tail[0])]
+            + [(f"tail.{i}", m) for i, m in enumerate(model.tail) if i > 0] + [("add_mean", model.add_mean)])
+
+
 def module_times(model: torch.nn.Module, x: torch.Tensor, rounds: int = 3) -> dict[str, float]:
-    """Best time per top-level step (head, each residual block, upsampler parts, ...), in ms."""
+    """Best time per step of the forward (see ``steps``), in ms."""
     times: dict[str, list[float]] = {}
     hooks = []
-    for name, module in model.named_modules():
-        depth = name.count(".")
-        if name and (depth == 1 or (name.startswith("tail.0.") and depth == 2)) and name != "tail.0" \
-                or name in ("sub_mean", "add_mean"):
-            def pre(m, args, name=name):
-                m._started = time.perf_counter()
+    for name, module in steps(model):
+        def pre(m, args):
+            m._started = time.perf_counter()
 
-            def post(m, args, out, name=name):
-                times.setdefault(name, []).append((time.perf_counter() - m._started) * 1e3)
-            hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+        def post(m, args, out, name=name):
+            times.setdefault(name, []).append((time.perf_counter() - m._started) * 1e3)
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
     for _ in range(rounds):
         model(x)
     for hook in hooks:
