@@ -60,9 +60,11 @@ for s in 65 75 90; do
     train dup-x2-long-s$s configs/dup-x2.toml --set model.init=runs/dense-x2-long/model.safetensors \
         --set prune.sparsity=0.$s && evaluate dup-x2-long-s$s
 done
-# 500 more steps for the 75 % model (configs/dup-x2-75-more.toml), and the magnitude controls from the
-# longer parent.
-train dup-x2-long-s75-more configs/dup-x2-75-more.toml && evaluate dup-x2-long-s75-more
+# 500 more steps for the 75 % and 90 % models (configs/dup-x2-more.toml), and the magnitude controls
+# from the longer parent.
+train dup-x2-long-s75-more configs/dup-x2-more.toml && evaluate dup-x2-long-s75-more
+train dup-x2-long-s90-more configs/dup-x2-more.toml --set model.init=runs/dup-x2-long-s90/model.safetensors \
+    --set prune.sparsity=0.9 --set prune.initial_sparsity=0.9 && evaluate dup-x2-long-s90-more
 train dense-x2-ft600 configs/dense-x2-ft.toml && evaluate dense-x2-ft600  # dense control, same budget
 for s in 75 90; do
     train magnitude-x2-long-s$s configs/magnitude-x2.toml --set model.init=runs/dense-x2-long/model.safetensors \
