@@ -51,7 +51,7 @@ def _add_eval(sub) -> None:
         description="Score a model on folders of HR images: LR made with MATLAB-style bicubic, PSNR and "
         "SSIM on the Y channel (BT.601) with `scale` pixels cropped, as in the published tables.",
     )
-    p.add_argument("--model", "-m", default="bicubic", help="'bicubic', a checkpoint, or an exported sparse file")
+    p.add_argument("--model", "-m", default="bicubic", help="'bicubic', a checkpoint, an exported sparse file, or an embedded model (x2, x4, fast)")
     p.add_argument("--data", "-d", nargs="+", required=True, metavar="DIR", help="folders of HR images (one row each)")
     p.add_argument("--scale", "-s", type=int, choices=(2, 3, 4), help="upscaling factor (default: the model's; 2 for bicubic)")
     p.add_argument("--json", action="store_true", help="print {dataset: {psnr, ssim, images}} as JSON")
@@ -135,7 +135,7 @@ def _add_info(sub) -> None:
         description="Print per-layer shape, layout, nonzeros and sparsity of a checkpoint or exported file, "
         "and the total sparsity over the pruned layers (all convs but the first and last).",
     )
-    p.add_argument("file", help="a checkpoint or an exported sparse model file")
+    p.add_argument("file", help="a checkpoint, an exported sparse model file, or an embedded model (x2, x4, fast)")
     p.add_argument("--json", action="store_true", help="print JSON (top-level 'sparsity' over the pruned layers)")
     p.add_argument("--runtime", action="store_true", help="also load the model and show which backend each layer runs on")
     p.add_argument("--backend", default="auto", choices=("auto", "triton", "cpu", "dense"),
@@ -145,7 +145,10 @@ def _add_info(sub) -> None:
 
 def _run_info(args) -> int:
     from sparsesr.inspect import describe_model_file
+    from sparsesr.pretrained import EMBEDDED_MODELS, resolve_model
 
+    if args.file in EMBEDDED_MODELS:
+        args.file = str(resolve_model(args.file))
     info = describe_model_file(args.file)
     if args.runtime:
         import torch

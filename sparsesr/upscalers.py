@@ -33,15 +33,19 @@ def module_upscaler(model: nn.Module) -> Upscaler:
 
 
 def resolve_upscaler(spec: str, scale: int | None = None) -> ResolvedUpscaler:
-    """``bicubic`` (needs ``scale``), a sparsesr / EDSR-PyTorch / BasicSR checkpoint, or an exported file."""
+    """``bicubic`` (needs ``scale``), a sparsesr / EDSR-PyTorch / BasicSR checkpoint, an exported file, or
+    an embedded model name (``x2``, ``x4``, ``fast``)."""
     if spec == "bicubic":
         from sparsesr.evaluate import bicubic_upscaler
 
         scale = scale or 2
         return ResolvedUpscaler(bicubic_upscaler(scale), scale, f"bicubic x{scale}")
-    path = Path(spec)
+    from sparsesr.pretrained import EMBEDDED_MODELS, resolve_model
+
+    path = resolve_model(spec) if spec in EMBEDDED_MODELS else Path(spec)
     if not path.is_file():
-        raise SparseSRError(f"{spec}: not 'bicubic' and no such model file")
+        raise SparseSRError(f"{spec}: not 'bicubic', not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+                            "and no such model file")
     model = _load_any(path)
     model_scale = int(model.config.scale)
     if scale is not None and scale != model_scale:

@@ -55,6 +55,18 @@ def test_eval_checkpoint_table(images, checkpoint, capsys):
     assert images.name in out and "PSNR" in out
 
 
+def test_eval_and_info_take_embedded_model_names(images, capsys, monkeypatch):
+    """Like upscale and bench: `--model fast` / `info x4` name the shipped files."""
+    monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "0")
+    assert main(["eval", "--model", "fast", "--data", str(images), "--json", "-q"]) == 0
+    assert json.loads(capsys.readouterr().out)[images.name]["images"] == 3
+    assert main(["info", "x4", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["scale"] == 4 and info["sparsity"] > 0.7
+    assert main(["eval", "--model", "x9", "--data", str(images)]) != 0
+    assert "not an embedded model" in capsys.readouterr().err
+
+
 def test_prune_info_export_flow(tmp_path, checkpoint, capsys):
     pruned = tmp_path / "pruned.safetensors"
     assert main(["prune", str(checkpoint), "--sparsity", "0.75", "-o", str(pruned)]) == 0
