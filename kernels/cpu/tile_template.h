@@ -72,11 +72,17 @@ static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, si
     return e;
 }
 
-/* Lanes of a pixel-shuffled output go `step` floats apart. Out of line like finish_partial. */
-static KTARGET __attribute__((noinline)) void FN(finish_strided)(VEC v, float *dst, size_t step, int lanes)
+/* Lanes of a pixel-shuffled output go `step` floats apart. */
+static KTARGET ALWAYS_INLINE void FN(finish_strided)(VEC v, float *dst, size_t step, int lanes)
 {
     float tmp[VW];
     V_STOREU(tmp, v);
+    if (lanes == VW) {
+#pragma GCC unroll 16
+        for (int k = 0; k < VW; k++)
+            dst[k * step] = tmp[k];
+        return;
+    }
     for (int k = 0; k < lanes; k++)
         dst[k * step] = tmp[k];
 }
