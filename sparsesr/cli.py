@@ -147,15 +147,14 @@ def _run_info(args) -> int:
     from sparsesr.inspect import describe_model_file
     from sparsesr.pretrained import EMBEDDED_MODELS, resolve_model
 
-    if args.file in EMBEDDED_MODELS:
-        args.file = str(resolve_model(args.file))
-    info = describe_model_file(args.file)
+    path = str(resolve_model(args.file)) if args.file in EMBEDDED_MODELS else args.file
+    info = describe_model_file(path)
     if args.runtime:
         import torch
 
         from sparsesr.runtime import load
 
-        model = load(args.file, backend=args.backend)
+        model = load(path, backend=args.backend)
         with torch.no_grad():  # the path each layer takes is decided when it first runs
             model(torch.rand(1, 3, 32, 32))
         info["runtime"] = model.backend_report()
