@@ -9,29 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 JOBS=${1:-2}
-DATA=../shared/data
-export OMP_NUM_THREADS=1
+source tools/runs.sh
 
-train() {  # name config [overrides...]
-    local name=$1 config=$2; shift 2
-    [ -f "runs/$name/model.safetensors" ] && return 0
-    sparsesr train -q -c "$config" -o "runs/$name" --set train.threads=1 "$@" > "runs/$name.log" 2>&1
-}
-evaluate() {  # name
-    local name=$1
-    [ -f "runs/$name/eval.json" ] && return 0
-    sparsesr eval -q --json --model "runs/$name/model.safetensors" \
-        --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > "runs/$name/eval.json.tmp"
-    mv "runs/$name/eval.json.tmp" "runs/$name/eval.json"
-}
-export -f train evaluate
-export DATA
-mkdir -p runs
-
-mkdir -p runs/bicubic-x2
-[ -f runs/bicubic-x2/eval.json ] || { sparsesr eval -q --json --model bicubic --scale 2 \
-    --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > runs/bicubic-x2/eval.json.tmp \
-    && mv runs/bicubic-x2/eval.json.tmp runs/bicubic-x2/eval.json; }
+bicubic 2
 train dense-x2 configs/dense-x2.toml
 evaluate dense-x2 &  # overlaps the first pruning runs
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The 64-channel experiment of docs/results.md (issue #13): the EDSR-baseline x2 dense parent, then
+# dup and one-shot magnitude at 90 % and 95 %, unstructured and 4x1 blocks, dup 80 % 4x1, the dense
+# fine-tuning control (all with the same 2000-step budget), and x4 from the parent's body.
+#
+#   tools/reproduce_x2_baseline.sh [JOBS]   # JOBS runs in parallel, one torch thread each (default 2)
+#
+# Resumable: finished runs are skipped, a run that was cut off continues from its saved state.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+JOBS=${1:-2}
+source tools/runs.sh
+
+bicubic 2 && bicubic 4
+train dense-x2-baseline configs/dense-x2-baseline.toml   # 16000 steps: several sessions
+evaluate dense-x2-baseline &
+
+# name config sparsity granularity
+cat > runs/x2-baseline-jobs.txt <<'JOBS'
+dup-x2b-s90 configs/dup-x2-baseline.toml 0.9 1x1
+magnitude-x2b-s90 configs/magnitude-x2-baseline.toml 0.9 1x1
+dup-x2b-s90-4x1 configs/dup-x2-baseline.toml 0.9 4x1
+magnitude-x2b-s90-4x1 configs/magnitude-x2-baseline.toml 0.9 4x1
+dup-x2b-s95 configs/dup-x2-baseline.toml 0.95 1x1
+magnitude-x2b-s95 configs/magnitude-x2-baseline.toml 0.95 1x1
+dup-x2b-s95-4x1 configs/dup-x2-baseline.toml 0.95 4x1
+magnitude-x2b-s95-4x1 configs/magnitude-x2-baseline.toml 0.95 4x1
+dup-x2b-s80-4x1 configs/dup-x2-baseline.toml 0.8 4x1
+JOBS
+xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set prune.granularity="$3" && evaluate "$0"' \
+    < runs/x2-baseline-jobs.txt
+train dense-x2b-ft configs/dense-x2-baseline-ft.toml && evaluate dense-x2b-ft   # dense control, same budget
+
+# x4 from the 64-channel parent and, for comparison, from the 32-channel one.
+train dup-x4b-s90-4x1 configs/dup-x4-baseline.toml && evaluate dup-x4b-s90-4x1 &
+train dup-x4-long-s90-4x1 configs/dup-x4-baseline.toml --set model.arch=edsr-cpu \
+    --set model.init=checkpoints/edsr-cpu-x2-dense-long.safetensors && evaluate dup-x4-long-s90-4x1
+wait

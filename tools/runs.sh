@@ -1,0 +1,30 @@
+# Shared steps of the tools/reproduce_*.sh scripts; source it, don't run it.
+#   train NAME CONFIG [--set k=v ...]   trains runs/NAME, resumes it when it was cut off, skips it when done
+#   evaluate NAME                        Set5, Set14, BSD100 scores of runs/NAME into runs/NAME/eval.json
+#   bicubic SCALE                        the same for bicubic, into runs/bicubic-xSCALE/eval.json
+# One torch thread per job, so several jobs can share the machine.
+DATA=${DATA:-../shared/data}
+export OMP_NUM_THREADS=1
+
+train() {
+    local name=$1 config=$2; shift 2
+    [ -f "runs/$name/model.safetensors" ] && return 0
+    mkdir -p runs
+    if [ -f "runs/$name/state.pt" ]; then  # cut off earlier: continue with the run's saved config
+        sparsesr train -q -o "runs/$name" --resume >> "runs/$name.log" 2>&1
+    else
+        sparsesr train -q -c "$config" -o "runs/$name" --set train.threads=1 "$@" > "runs/$name.log" 2>&1
+    fi
+}
+
+_scores() {  # out_dir model [eval options...]
+    local dir=$1; shift
+    [ -f "$dir/eval.json" ] && return 0
+    mkdir -p "$dir"
+    sparsesr eval -q --json "$@" --data "$DATA/val/Set5" "$DATA/test/Set14" "$DATA/test/BSD100" > "$dir/eval.json.tmp"
+    mv "$dir/eval.json.tmp" "$dir/eval.json"
+}
+evaluate() { _scores "runs/$1" --model "runs/$1/model.safetensors"; }
+bicubic() { _scores "runs/bicubic-x$1" --model bicubic --scale "$1"; }
+export -f train evaluate _scores bicubic
+export DATA
