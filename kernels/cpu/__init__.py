@@ -8,7 +8,9 @@ Kernels take tensors and return tensors; nothing here imports from ``sparsesr``.
 Weights are re-arranged once at prepare time into *groups*: G consecutive output channels
 (G = 1 for unstructured CSR, G = 4 for 4x1 / 8x1 output-channel blocks) sharing one ascending
 list of nonzero positions ``k = (c_in * kh + ky) * kw + kx`` with G values each. The C kernel
-turns the positions into offsets into a zero-padded input window per call. See docs/cpu-kernel.md.
+turns the positions into offsets into a zero-padded input window per call. It is given every
+array with its length and checks sizes, lengths and indices before it writes anything, so no
+PreparedConv, however corrupted, makes it read or write out of bounds. See docs/cpu-kernel.md.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import functools
 import json
 import os
 import platform
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -23,9 +27,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+_ABI_VERSION = 2  # the argument convention of _sparseconv.conv2d this file speaks (module.c)
+
 try:
     from . import _sparseconv
     _IMPORT_ERROR: str | None = None
+    if getattr(_sparseconv, "ABI_VERSION", 1) != _ABI_VERSION:  # sources updated, .so not rebuilt
+        _IMPORT_ERROR = (f"extension is a stale build (interface {getattr(_sparseconv, 'ABI_VERSION', 1)}, "
+                         f"expected {_ABI_VERSION}): rebuild it with pip install -e .")
+        _sparseconv = None
 except ImportError as exc:  # the build is optional (setup.py)
     _sparseconv = None
     _IMPORT_ERROR = f"extension not built: {exc}"
@@ -38,6 +48,10 @@ __all__ = [
 _ISA_CODES = {"scalar": 0, "avx2": 1, "avx512": 2}
 _INDEX_DTYPES = (torch.int16, torch.int32, torch.int64)
 _VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INT32_MAX = 2**31 - 1
+# The CPU does not change while the process runs: ask the extension once (it detected them at import).
+_SUPPORTED_ISAS: tuple[str, ...] = (
+    tuple(name for name, code in _ISA_CODES.items() if _sparseconv.isa_supported(code)) if _sparseconv else ())
 
 
 def available() -> bool:
@@ -52,9 +66,7 @@ def unavailable_reason() -> str | None:
 
 def supported_isas() -> list[str]:
     """Code paths this machine can run, slowest first (empty without the extension)."""
-    if _sparseconv is None:
-        return []
-    return [name for name, code in _ISA_CODES.items() if _sparseconv.isa_supported(code)]
+    return list(_SUPPORTED_ISAS)
 
 
 def isa() -> str:
@@ -66,17 +78,16 @@ def _default_isa() -> str:
     forced = os.environ.get("SPARSESR_CPU_ISA", "").strip().lower()
     if forced:
         return _check_isa(forced)
-    supported = supported_isas()
-    if not supported:
+    if not _SUPPORTED_ISAS:
         raise RuntimeError(f"sparse CPU kernel unavailable ({_IMPORT_ERROR})")
-    return supported[-1]
+    return _SUPPORTED_ISAS[-1]
 
 
 def _check_isa(name: str) -> str:
     if name not in _ISA_CODES:
         raise ValueError(f"ISA must be one of {sorted(_ISA_CODES)}, got {name!r}")
-    if name not in supported_isas():
-        raise ValueError(f"ISA {name!r} is not supported on this CPU (supported: {supported_isas()})")
+    if name not in _SUPPORTED_ISAS:
+        raise ValueError(f"ISA {name!r} is not supported on this CPU (supported: {list(_SUPPORTED_ISAS)})")
     return name
 
 
@@ -96,8 +107,8 @@ class PreparedConv:
     layout: str              # "csr", "bsr4x1", "bsr8x1", ... (what it was built from)
 
     def __post_init__(self) -> None:
-        # The C kernel trusts these arrays; check them once here so that no hand-built
-        # PreparedConv can make it read or write outside its buffers.
+        # Early, readable errors for a hand-built PreparedConv. The C kernel checks all of this
+        # again on every call (tensors can be changed in place after construction).
         if self.group not in (1, 4):
             raise ValueError(f"group must be 1 or 4, got {self.group}")
         _check_kernel_size(self.in_channels, self.kh, self.kw)
@@ -282,6 +293,32 @@ def prepare_dense(weight: torch.Tensor) -> PreparedConv:
 # ---- running ----------------------------------------------------------------------------------
 
 
+def _int_field(prepared: PreparedConv, name: str, low: int = 1) -> int:
+    value = getattr(prepared, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"PreparedConv.{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= _INT32_MAX:
+        raise ValueError(f"PreparedConv.{name} must be in [{low}, 2**31), got {value}")
+    return value
+
+
+def _weight_array(prepared: PreparedConv, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """One of prepared's arrays, whose memory the kernel reads as `dtype`: the layout must be right."""
+    t = getattr(prepared, name)
+    if (not isinstance(t, torch.Tensor) or t.dtype != dtype or t.dim() != 1 or t.device.type != "cpu"
+            or not t.is_contiguous()):
+        found = (f"{t.dtype} tensor of shape {tuple(t.shape)} on {t.device}"
+                 f"{'' if t.is_contiguous() else ', not contiguous'}" if isinstance(t, torch.Tensor)
+                 else type(t).__name__)
+        raise ValueError(f"PreparedConv.{name} must be a contiguous 1-D {dtype} CPU tensor, got {found}")
+    return t
+
+
+def _array(t: torch.Tensor | None) -> tuple[int, int]:
+    """What the extension takes for an array: its address and its length in elements."""
+    return (t.data_ptr(), t.numel()) if t is not None else (0, 0)
+
+
 def _activation(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -315,7 +352,15 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
     if n < 1 or h < 1 or w < 1:
         raise ValueError(f"x must not be empty, got shape {tuple(x.shape)}")
     x = _activation("x", x, (n, c_in, h, w))
-    c_out = prepared.out_channels
+    # The C side checks every size, length and index; here only what it cannot see (dtypes,
+    # layouts) and what sizes the output allocation: c_out must agree with group_ptr's length.
+    c_out, kh, kw, group = (_int_field(prepared, name) for name in ("out_channels", "kh", "kw", "group"))
+    group_ptr = _weight_array(prepared, "group_ptr", torch.int32)
+    nz_k = _weight_array(prepared, "nz_k", torch.int32)
+    nz_val = _weight_array(prepared, "nz_val", torch.float32)
+    if group not in (1, 4) or group_ptr.numel() != -(-c_out // group) + 1:
+        raise ValueError(f"PreparedConv is inconsistent: group {group} (must be 1 or 4), {c_out} output channels "
+                         f"and {group_ptr.numel()} group pointers")
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,) or not bias.is_floating_point():
             found = f"{bias.dtype} tensor of shape {tuple(bias.shape)}" if isinstance(bias, torch.Tensor) else type(bias).__name__
@@ -328,16 +373,15 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
                          f"got {shuffle!r}")
     if shuffle > 1 and residual is not None:
         raise ValueError("shuffle > 1 cannot be combined with a residual")
+    for name, value in (("band_rows", band_rows), ("band_cols", band_cols)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT32_MAX:
+            raise ValueError(f"{name} must be an int in [0, 2**31) (0: automatic), got {value!r}")
     code = _ISA_CODES[_check_isa(isa.lower()) if isa else _default_isa()]
     out = torch.empty(n, c_out // shuffle**2, h * shuffle, w * shuffle)
     _sparseconv.conv2d(
-        x.data_ptr(), out.data_ptr(), n, c_in, h, w, c_out, prepared.kh, prepared.kw,
-        prepared.group, prepared.group_ptr.numel() - 1, prepared.group_ptr.data_ptr(),
-        prepared.nz_k.data_ptr(), prepared.nz_val.data_ptr(),
-        bias.data_ptr() if bias is not None else 0, bool(relu),
-        residual.data_ptr() if residual is not None else 0, float(res_scale),
-        max(1, torch.get_num_threads()), code, int(band_rows), int(band_cols),
-        *((-1, shuffle) if shuffle > 1 else ()),  # builds before shuffle take no 24th argument
+        _array(x), _array(out), _array(residual), _array(bias), _array(group_ptr), _array(nz_k), _array(nz_val),
+        (n, c_in, h, w, c_out, kh, kw), group, shuffle, bool(relu), float(res_scale),
+        max(1, torch.get_num_threads()), code, band_rows, band_cols, -1,
     )
     return out
 
@@ -346,7 +390,13 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
 
 _DECISIONS: dict[str, bool] = {}
 _DECISIONS_LOCK = threading.Lock()
-_CACHE_FILE = os.path.join(os.path.expanduser("~"), ".cache", "sparsesr", "cpu_dispatch.json")
+_CACHE_MAX_BYTES = 1 << 20  # ~10,000 decisions; a larger file is not one this module wrote
+
+
+def _cache_file() -> str:
+    """``$SPARSESR_CACHE_DIR/cpu_dispatch.json``, by default in ``~/.cache/sparsesr``."""
+    folder = os.environ.get("SPARSESR_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "sparsesr")
+    return os.path.join(folder, "cpu_dispatch.json")
 
 
 @functools.lru_cache(maxsize=1)
@@ -373,9 +423,11 @@ def _best_time(fn, repeats: int = 3) -> float:
 def should_use_sparse(prepared: PreparedConv, h: int, w: int) -> bool:
     """Whether conv2d beats dense ``F.conv2d`` for this layer, measured once and cached.
 
-    The decision is keyed by layer shape, density (5% buckets), block size, code path, thread
-    count and CPU model, timed on a small input (at most 64x64) and kept in memory and in
-    ``~/.cache/sparsesr/cpu_dispatch.json`` (set SPARSESR_CPU_DISPATCH_CACHE=0 to skip the file).
+    The decision is keyed by layer shape, density (5% buckets), group size, code path, thread
+    count, CPU model and input size (at most 64x64, what it is timed on) and kept in memory and in
+    ``cpu_dispatch.json`` in ``$SPARSESR_CACHE_DIR`` (default ``~/.cache/sparsesr``; set
+    SPARSESR_CPU_DISPATCH_CACHE=0 to skip the file). A file that cannot be read or is not a
+    JSON object of booleans is ignored, and replaced at the next measurement.
     """
     if _sparseconv is None:
         return False
@@ -405,22 +457,45 @@ def should_use_sparse(prepared: PreparedConv, h: int, w: int) -> bool:
 
 
 def _read_cache_file() -> dict[str, bool]:
+    """The decisions in the cache file; {} for a missing, unreadable or invalid one (bad JSON,
+    nesting too deep for the parser, wrong types, binary junk, too large, not a regular file)."""
     try:
-        with open(_CACHE_FILE) as f:
-            data = json.load(f)
-        return {k: v for k, v in data.items() if isinstance(v, bool)} if isinstance(data, dict) else {}
-    except (OSError, ValueError):
+        # O_NONBLOCK: opening a FIFO put there must not wait for a writer
+        fd = os.open(_cache_file(), os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
         return {}
+    try:
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return {}
+            raw = f.read(_CACHE_MAX_BYTES + 1)
+        if len(raw) > _CACHE_MAX_BYTES:
+            return {}
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, ValueError, RecursionError):  # ValueError: bad UTF-8 or JSON
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, bool)}
 
 
 def _write_cache_file(key: str, decision: bool) -> None:
+    """Add one decision, replacing the file atomically (readers see the old or the new one)."""
+    path = _cache_file()
     try:  # a cache: failing to write it only costs a re-measurement next time
         data = _read_cache_file()
         data[key] = decision
-        os.makedirs(os.path.dirname(_CACHE_FILE), exist_ok=True)
-        tmp = f"{_CACHE_FILE}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=0, sort_keys=True)
-        os.replace(tmp, _CACHE_FILE)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".cpu_dispatch.", suffix=".tmp")
+        try:
+            with open(fd, "w") as f:
+                json.dump(data, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
     except OSError:
         pass

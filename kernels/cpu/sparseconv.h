@@ -10,24 +10,73 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* Every array arrives with its length in elements, so that run_conv can check it against the
+ * sizes before anything is read or written through it. p may be NULL only when len is 0. */
+typedef struct {
+    const float *p;
+    size_t len;
+} FloatArray;
+
+typedef struct {
+    float *p;
+    size_t len;
+} OutArray;
+
+typedef struct {
+    const int32_t *p;
+    size_t len;
+} IndexArray;
+
 typedef struct {
     /* activations: x [n, c_in, h, w], out / residual [n, c_out, h, w], all float32 contiguous */
-    const float *x;
-    float *out;
-    const float *residual; /* may be NULL */
-    const float *bias;     /* [c_out] or NULL */
+    FloatArray x;
+    OutArray out;
+    FloatArray residual;     /* len 0: none */
+    FloatArray bias;         /* [c_out], or len 0: none */
     int n, c_in, h, w, c_out, kh, kw;
     int relu;
-    int stream;            /* use streaming (non-temporal) stores for the output */
-    int shuffle;           /* s > 1: write out pixel-shuffled, [n, c_out / s^2, h * s, w * s] */
+    int stream;              /* streaming (non-temporal) stores for the output; < 0: decide */
+    int shuffle;             /* s > 1: write out pixel-shuffled, [n, c_out / s^2, h * s, w * s] */
     float res_scale;
     /* weights */
     int group;               /* G: output channels per group (1 or 4) */
-    int n_groups;            /* ceil(c_out / G) */
-    const int32_t *group_ptr; /* [n_groups + 1] */
-    const int32_t *nz_k;      /* [nnz] position of each group nonzero, ascending in a group */
-    const float *nz_val;      /* [nnz * G] the G values of each position */
+    int n_groups;            /* ceil(c_out / G), set by run_conv */
+    IndexArray group_ptr;    /* [n_groups + 1] */
+    IndexArray nz_k;         /* [nnz] position of each group nonzero, ascending in a group */
+    FloatArray nz_val;       /* [nnz * G] the G values of each position */
 } ConvArgs;
+
+/* How to run it (none of these change the result). */
+typedef struct {
+    int isa;                 /* ISA_* code, one of isa_mask() */
+    int threads;             /* workers, the calling thread included */
+    int band_rows, band_cols; /* tile size, <= 0: automatic */
+    int chunk;               /* input channels per L1 chunk, <= 0: automatic */
+    int own_threads;         /* start POSIX threads even where an OpenMP team is loaded */
+} RunOptions;
+
+enum { ISA_SCALAR = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_COUNT = 3 };
+
+/* What run_conv found; all but SC_NO_MEMORY mean the arguments were rejected before the output
+ * was touched, with the reason in the message buffer. */
+typedef enum {
+    SC_OK = 0,
+    SC_BAD_SIZE,     /* a size out of range, or sizes inconsistent with each other */
+    SC_BAD_LENGTH,   /* an array's length does not match the sizes */
+    SC_BAD_POINTER,  /* a NULL or misaligned array, or the output overlapping an input */
+    SC_BAD_WEIGHTS,  /* group pointers or positions that would index outside their arrays */
+    SC_BAD_ISA,      /* an ISA this CPU cannot run */
+    SC_TOO_LARGE,    /* a window or weight too large for the kernel's 32-bit offsets */
+    SC_NO_MEMORY,
+} ScStatus;
+
+/* Bit i set: ISA i runs on this CPU (detected once, by sparseconv_init) / is in this build. */
+unsigned isa_mask(void);
+unsigned isa_compiled(void);
+void sparseconv_init(void);
+
+/* Check everything, then compute. `msg` (cap bytes) receives a one-line reason on failure. */
+ScStatus run_conv(ConvArgs *a, const RunOptions *o, char *msg, size_t cap);
 
 /* One tile of work: output rows [y0, y0 + rows) x columns [x0, x0 + cols) of image `img`,
  * computed from `buf`, a zero-padded copy of the input window it needs. */

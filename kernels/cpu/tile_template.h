@@ -61,13 +61,13 @@ static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, si
         step = sh;
     }
     FN(Epilogue) e = {
-        .out = a->out + at, .res = a->residual ? a->residual + at : NULL, .row = row, .step = step,
-        .bias = V_SET1(a->bias ? a->bias[oc] : 0.0f), .scale = V_SET1(a->res_scale), .relu = a->relu,
+        .out = a->out.p + at, .res = a->residual.p ? a->residual.p + at : NULL, .row = row, .step = step,
+        .bias = V_SET1(a->bias.p ? a->bias.p[oc] : 0.0f), .scale = V_SET1(a->res_scale), .relu = a->relu,
         /* Streaming stores skip the read-for-ownership of output lines that are far from any
          * cache anyway: a tile writes to every output channel's plane, too many streams for
          * the hardware prefetcher. They need aligned vectors: all of them are when the first
          * one is and rows are whole vectors. */
-        .stream = a->stream && ((uintptr_t)(a->out + at) & (VW * sizeof(float) - 1)) == 0 && a->w % VW == 0,
+        .stream = a->stream && ((uintptr_t)(a->out.p + at) & (VW * sizeof(float) - 1)) == 0 && a->w % VW == 0,
     };
     return e;
 }
@@ -231,7 +231,7 @@ static KTARGET ALWAYS_INLINE void FN(tile_g4)(const Tile *t, const float *in, in
  * live in registers; a run-time nv would force them to memory). One call per position instead
  * of one per group: 2 % faster at 90 % sparsity, 5-9 % at 95-98 %. */
 #define TILE_FLAGS valid, first, last
-static KTARGET void FN(run_g1)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
+static KTARGET HOT_ALIGN void FN(run_g1)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
                               int nr, int nv, int valid, int first, int last)
 {
     const int n_groups = t->a->n_groups;
@@ -260,7 +260,7 @@ static KTARGET void FN(run_g1)(const Tile *t, const float *in, const int32_t *se
 #undef G1
 }
 
-static KTARGET void FN(run_g4)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
+static KTARGET HOT_ALIGN void FN(run_g4)(const Tile *t, const float *in, const int32_t *seg, size_t pix,
                               int nv, int valid, int first, int last)
 {
     const int n_groups = t->a->n_groups;
