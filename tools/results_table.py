@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from sparsesr.train import read_log
+
 SETS = ("Set5", "Set14", "BSD100")
 
 
@@ -44,7 +46,7 @@ def collect(runs: Path) -> list[dict]:
                        scale=info["scale"], variant=variant.group(1) if variant else None,
                        parent=parent_name(init.get("path")))
         log = eval_json.parent / "log.jsonl"
-        times = [json.loads(line).get("time") for line in log.read_text().splitlines()] if log.is_file() else []
+        times = [record.get("time") for record in read_log(log)]  # skips a torn last line
         row["seconds"] = wall_seconds([t for t in times if t is not None])
         rows.append(row)
     order = {"bicubic": 0, "dense": 1}

@@ -1,5 +1,6 @@
 # Shared steps of the tools/reproduce_*.sh scripts; source it, don't run it.
-#   train NAME CONFIG [--set k=v ...]   trains runs/NAME, resumes it when it was cut off, skips it when done
+#   train NAME CONFIG [--set k=v ...]   trains runs/NAME, resumes it when it was cut off (also from a
+#                                        committed checkpoints/NAME.partial/), skips it when done
 #   evaluate NAME                        Set5, Set14, BSD100 scores of runs/NAME into runs/NAME/eval.json
 #   bicubic SCALE                        the same for bicubic, into runs/bicubic-xSCALE/eval.json
 # One torch thread per job, so several jobs can share the machine.
@@ -10,8 +11,15 @@ train() {
     local name=$1 config=$2; shift 2
     [ -f "runs/$name/model.safetensors" ] && return 0
     mkdir -p runs
-    if [ -f "runs/$name/state.pt" ]; then  # cut off earlier: continue with the run's saved config
-        sparsesr train -q -o "runs/$name" --resume >> "runs/$name.log" 2>&1
+    # A run cut off at the end of an earlier session and committed (runs/ is not): continue it.
+    if [ ! -d "runs/$name" ] && [ -f "checkpoints/$name.partial/state.pt" ]; then
+        cp -r "checkpoints/$name.partial" "runs/$name"
+    fi
+    if [ -f "runs/$name/state.pt" ]; then
+        # Cut off earlier: --resume trains the run's saved runs/NAME/config.json (CONFIG and the
+        # --set options are not repeated: a differing value would be an error); only the thread
+        # count may change between legs.
+        sparsesr train -q -o "runs/$name" --resume --set train.threads=1 >> "runs/$name.log" 2>&1
     else
         sparsesr train -q -c "$config" -o "runs/$name" --set train.threads=1 "$@" > "runs/$name.log" 2>&1
     fi

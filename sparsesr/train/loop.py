@@ -4,12 +4,18 @@ One function, ``train(config, out_dir)``. Every batch is a pure function of (see
 so a run that is stopped and resumed with ``resume=True`` continues exactly where it stopped,
 and under ``torchrun`` each process draws its own batches without a sampler to keep in sync.
 
-Files written to ``out_dir`` (all atomically):
-  state.pt            resumable state: raw weights, optimizer, schedule, EMA, pruning masks, step
+Files written to ``out_dir`` (all atomically; see ``runlog`` for what that means for the log):
+  config.json         the run's config, written when it starts; ``resume`` trains with it
+  state.pt            resumable state: raw weights, optimizer, schedule, EMA, pruning masks, step,
+                      with a SHA-256 checksum (``sparsesr.train.state``)
   last.safetensors    the model as it would be used (masks applied), every ``save_every`` steps
   best.safetensors    the model with the best validation PSNR so far
   model.safetensors   the final model (pruned runs: exact zeros baked in)
-  log.jsonl           one JSON object per logged step and per validation
+  log.jsonl           one JSON object per logged step and per validation; a resume from step N
+                      first drops the records of steps after N, then notes the resume
+
+Nothing non-finite is ever saved: when the loss or a weight becomes NaN or infinite, training
+stops with a ``TrainingError`` naming the step.
 """
 from __future__ import annotations
 
@@ -28,11 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from sparsesr.errors import ConfigError
-from sparsesr.fileio import atomic_path, sha256_of
+from sparsesr.errors import CheckpointError, ConfigError, TrainingError
+from sparsesr.fileio import atomic_write_bytes, sha256_of
 from sparsesr.models import build_model, model_from_config
 from sparsesr.models.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from sparsesr.train.config import TrainConfig
+from sparsesr.train.config import TrainConfig, check_resume_config, read_saved_config
+from sparsesr.train.runlog import append_record, truncate_log, write_log
+from sparsesr.train.state import first_non_finite, load_train_state, save_train_state
 
 
 @dataclass
@@ -45,17 +53,35 @@ class TrainResult:
     model_path: Path
 
 
-def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (and optionally prune) a model as ``config`` says; see the module docstring for outputs."""
+def train(config: TrainConfig | None, out_dir: str | os.PathLike, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (and optionally prune) a model as ``config`` says; see the module docstring for outputs.
+
+    ``resume=True`` continues the run saved in ``out_dir`` with the config it was started with
+    (its ``config.json``): ``config`` may then be None, and a given one must not differ from the
+    saved one (``config.RESUME_MAY_CHANGE`` excepted), or ``ConfigError`` names the keys.
+    """
     from sparsesr.data.datasets import SRImageDataset, SRPatchDataset, list_images, split_holdout
 
     out_dir = Path(out_dir)
+    state_path, log_path, config_path = out_dir / "state.pt", out_dir / "log.jsonl", out_dir / "config.json"
+    saved_config = None
+    if resume:
+        if not state_path.is_file():
+            raise ConfigError(f"{state_path}: nothing to resume (no training state in {out_dir})")
+        saved_config = read_saved_config(out_dir)
+        if config is None:
+            if saved_config is None:
+                raise ConfigError(f"{config_path}: no saved config to resume with; pass the run's config")
+            config = saved_config
+        elif saved_config is not None:
+            check_resume_config(saved_config, config.validate(), config_path)
+    elif config is None:
+        raise ConfigError("a config is needed to start a run (config=None only resumes one)")
+    cfg = config.validate()
+    tcfg = cfg.train
     rank, world = _init_distributed()
-    cfg, tcfg = config, config.train
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
-    if cfg.prune and tcfg.ema:
-        raise ConfigError("train.ema cannot be combined with [prune]: the average of masked weights is not masked")
     torch.manual_seed(tcfg.seed)
 
     model, init_meta = _initial_model(cfg)
@@ -73,17 +99,29 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
     val_set = SRImageDataset(val_paths, cfg.model.scale) if val_paths else None
 
     step, best_psnr, history = 0, -math.inf, []
-    state_path = out_dir / "state.pt"
+    saved_step: int | None = None  # the step state.pt holds, for the message if training diverges
     if resume:
-        if not state_path.is_file():
-            raise ConfigError(f"{state_path}: nothing to resume (no training state in {out_dir})")
-        step, best_psnr = _load_state(state_path, model, optimizer, scheduler, ema, pruner)
+        step, best_psnr, verified = _load_state(state_path, cfg, model, optimizer, scheduler, ema, pruner)
+        saved_step = step
+        if rank == 0:
+            if saved_config is None:  # config.json was lost; the caller vouched for this config
+                _write_config(config_path, cfg)
+            # The steps after `step` are trained again: their records from the leg that was cut
+            # off would otherwise appear twice (and a torn last line is dropped here too).
+            dropped = truncate_log(log_path, step)
+            _log(out_dir, {"resume": {"from_step": step, "dropped_records": dropped,
+                                      "state_checksum": "verified" if verified else
+                                      "none (state.pt was written by an older sparsesr; not verifiable)"}})
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         if pruner is not None:
             pruner.before_training()
-    if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        if rank == 0:
+            # Starting over: a state left by an earlier run here must not be resumed with this
+            # run's config.json, and its log records are not this run's.
+            state_path.unlink(missing_ok=True)
+            write_log(log_path, [])
+            _write_config(config_path, cfg)
 
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     meta = {"train_config": cfg.to_dict(), **init_meta}
@@ -94,6 +132,9 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
         lr_batch, hr_batch = _batch(dataset, step, rank, world, tcfg.batch_size)
         net.train()
         loss = F.l1_loss(net(lr_batch), hr_batch)
+        loss_value = loss.item()
+        if world == 1 and not math.isfinite(loss_value):  # under DDP the weight check below stops every rank alike
+            raise TrainingError(_diverged(step + 1, f"the loss is {loss_value}", state_path, saved_step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -101,15 +142,18 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
         step += 1
         if pruner is not None:
             pruner.after_step(step)
+        bad = first_non_finite(dict(model.named_parameters()))
+        if bad is not None:
+            raise TrainingError(_diverged(step, f"weight {bad} is not finite (loss {loss_value:.4g})", state_path, saved_step))
         if ema is not None:
             _update_ema(ema, model, tcfg.ema)
         bar.update(1)
-        postfix = {"loss": f"{loss.item():.4f}"}
+        postfix = {"loss": f"{loss_value:.4f}"}
         if last_val:
             postfix["val_psnr"] = f"{last_val['psnr']:.2f}"
         bar.set_postfix(postfix, refresh=False)
         if rank == 0 and (step % tcfg.log_every == 0 or step == tcfg.iterations):
-            _log(out_dir, {"step": step, "loss": loss.item(), "lr": scheduler.get_last_lr()[0], "time": time.time() - start})
+            _log(out_dir, {"step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0], "time": time.time() - start})
         if val_set is not None and rank == 0 and (step % tcfg.val_every == 0 or step == tcfg.iterations):
             last_val = validate(ema or model, val_set, cfg.model.scale, val_crop=cfg.data.val_crop)
             _log(out_dir, {"step": step, "val": last_val})
@@ -119,6 +163,7 @@ def train(config: TrainConfig, out_dir: str | os.PathLike, resume: bool = False,
                 _save_model(out_dir / "best.safetensors", ema or model, pruner, {**meta, "step": step, "val": last_val})
         if rank == 0 and (step % tcfg.save_every == 0 or step == tcfg.iterations):
             _save_state(state_path, step, best_psnr, model, optimizer, scheduler, ema, pruner)
+            saved_step = step
             _save_model(out_dir / "last.safetensors", ema or model, pruner, {**meta, "step": step, "val": last_val})
     bar.close()
 
@@ -266,7 +311,7 @@ def _save_model(path: Path, model: nn.Module, pruner, metadata: dict) -> None:
 
 
 def _save_state(path: Path, step: int, best_psnr: float, model, optimizer, scheduler, ema, pruner) -> None:
-    state = {
+    save_train_state(path, {
         "step": step,
         "best_psnr": best_psnr,
         "model": model.state_dict(),
@@ -274,25 +319,52 @@ def _save_state(path: Path, step: int, best_psnr: float, model, optimizer, sched
         "scheduler": scheduler.state_dict(),
         "ema": ema.state_dict() if ema is not None else None,
         "pruner": pruner.state_dict() if pruner is not None else None,
-    }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    })
 
 
-def _load_state(path: Path, model, optimizer, scheduler, ema, pruner) -> tuple[int, float]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+def _load_state(path: Path, cfg: TrainConfig, model, optimizer, scheduler, ema, pruner) -> tuple[int, float, bool]:
+    """Restore everything from ``path``; return (step, best PSNR, whether a checksum verified it)."""
+    state, verified = load_train_state(path)  # checked: structure, checksum, finite values
+    step = state["step"]
+    if step > cfg.train.iterations:
+        raise CheckpointError(f"{path}: the state is at step {step}, beyond train.iterations = {cfg.train.iterations}")
+    load_state_dict_strict(model, state["model"], source=str(path))
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: the optimizer state does not fit this model ({exc})") from None
+    # Adam's moments are not shape-checked by load_state_dict; a mismatch would fail mid-step.
+    for param, moments in optimizer.state.items():
+        for name, value in moments.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise CheckpointError(f"{path}: the optimizer state does not fit this model "
+                                      f"({name} of shape {list(value.shape)} for a parameter of shape {list(param.shape)})")
     scheduler.load_state_dict(state["scheduler"])
-    if ema is not None and state["ema"] is not None:
-        ema.load_state_dict(state["ema"])
+    if (ema is None) != (state["ema"] is None):
+        has = "has no" if state["ema"] is None else "has"
+        raise CheckpointError(f"{path}: the state {has} EMA weights, but train.ema is {cfg.train.ema:g}")
+    if ema is not None:
+        load_state_dict_strict(ema, state["ema"], source=f"{path} (EMA weights)")
+    if (pruner is None) != (state["pruner"] is None):
+        has = "has no" if state["pruner"] is None else "has"
+        raise CheckpointError(f"{path}: the state {has} pruning masks, but the config "
+                              + ("has [prune]" if pruner is not None else "has no [prune]"))
     if pruner is not None:
-        if state["pruner"] is None:
-            raise ConfigError(f"{path}: the saved run has no pruning state, but the config has [prune]")
-        pruner.load_state_dict(state["pruner"])
-    return int(state["step"]), float(state["best_psnr"])
+        try:
+            pruner.load_state_dict(state["pruner"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+    return step, float(state["best_psnr"]), verified
+
+
+def _diverged(step: int, what: str, state_path: Path, saved_step: int | None) -> str:
+    kept = f"{state_path} holds step {saved_step}" if saved_step is not None else "no state was saved yet"
+    return f"training diverged at step {step}: {what}; nothing non-finite was saved ({kept}); a lower train.lr may help"
+
+
+def _write_config(path: Path, cfg: TrainConfig) -> None:
+    atomic_write_bytes(path, (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
 
 
 def _log(out_dir: Path, record: dict) -> None:
-    with open(out_dir / "log.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_record(out_dir / "log.jsonl", record)
