@@ -23,8 +23,9 @@ from typing import Callable
 
 import torch
 
-from sparsesr.errors import BackendError, SparseSRError
+from sparsesr.errors import SparseSRError
 from sparsesr.models import arch_of
+from sparsesr.runtime.backends import resolve_device
 
 
 def bench_grid(standard: list, full: list) -> list:
@@ -87,15 +88,6 @@ def time_pair(dense: Callable[[], object], sparse: Callable[[], object], repeats
     return dense_timing, sparse_timing
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError(f"device {str(device)!r} was requested but no CUDA GPU is available")
-    return device
-
-
 def load_for_bench(source: str | os.PathLike, device: torch.device, backend: str = "auto"):
     """The runtime model for ``source`` (embedded name, exported file or checkpoint) and its file sizes.
 
@@ -148,7 +140,7 @@ def benchmark_model(
     if threads:
         torch.set_num_threads(threads)
     try:
-        torch_device = _resolve_device(device)
+        torch_device = resolve_device(device)
         model, sizes = load_for_bench(source, torch_device, backend)
         x = torch.rand(1, 3, size, size, device=torch_device)
 
@@ -312,6 +304,7 @@ def peak_memory(path: str | os.PathLike, size: int = 128, device: str = "cpu", b
     """
     from sparsesr.format import is_sparse_model_file
 
+    device = str(resolve_device(device))  # a bad device string fails here, not as the child's traceback
     kind = "sparse" if is_sparse_model_file(path) else "dense"
     args = {"path": str(path), "size": size, "device": device, "backend": backend, "threads": threads, "kind": kind}
     proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_CHILD, json.dumps(args)], capture_output=True,

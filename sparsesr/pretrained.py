@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sparsesr.errors import SparseSRError
+from sparsesr.errors import ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -47,22 +47,29 @@ def default_model_name(scale: float) -> str:
     return "x4" if scale > 4 else "x2"
 
 
-def resolve_model(name_or_path: str | os.PathLike | None, scale: float = 2) -> Path:
-    """An embedded model name (``x2``, ``x4``, ``fast``; None = the default for ``scale``) or a path -> a file path."""
+def resolve_model(name_or_path: str | os.PathLike | None, scale: float = 2, also: tuple[str, ...] = ()) -> Path:
+    """A model file path from what a user typed: the one resolver of every command and of ``sparsesr.load``.
+
+    An existing file wins (a file called ``x2`` in the current folder is that file); else an
+    embedded name (``x2``, ``x4``, ``fast``; None = the default for ``scale``). Anything else
+    raises ``ModelNotFoundError`` listing the embedded names and ``also`` (names the caller
+    handles itself, e.g. ``bicubic``).
+    """
     if name_or_path is None:
         name_or_path = default_model_name(scale)
     name = str(name_or_path)
-    if name in EMBEDDED_MODELS:
-        path = model_dir() / EMBEDDED_MODELS[name].filename
-        if not path.is_file():
-            raise SparseSRError(f"no embedded {name} model in this installation (expected {path}); pass --model PATH")
-        return path
     path = Path(name).expanduser()
-    if not path.is_file():
-        raise SparseSRError(
-            f"--model {name}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) and no such file"
-        )
-    return path
+    if path.is_file():
+        return path
+    if name in EMBEDDED_MODELS:
+        embedded = model_dir() / EMBEDDED_MODELS[name].filename
+        if not embedded.is_file():
+            raise ModelNotFoundError(f"no embedded {name} model in this installation (expected {embedded}); "
+                                     "name a model file instead")
+        return embedded
+    names = ", ".join([*also, *EMBEDDED_MODELS])
+    what = "a folder" if path.is_dir() else "no such file"
+    raise ModelNotFoundError(f"{name}: {what}, and not an embedded model ({names})")
 
 
 def list_models() -> list[dict]:

@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from sparsesr.errors import CheckpointError, SparseSRError
+from sparsesr.errors import SparseSRError
 
 Upscaler = Callable[[torch.Tensor], torch.Tensor]
 
@@ -33,19 +33,16 @@ def module_upscaler(model: nn.Module) -> Upscaler:
 
 
 def resolve_upscaler(spec: str, scale: int | None = None) -> ResolvedUpscaler:
-    """``bicubic`` (needs ``scale``), a sparsesr / EDSR-PyTorch / BasicSR checkpoint, an exported file, or
+    """``bicubic`` (needs ``scale``), a sparsesr / EDSR-PyTorch checkpoint, an exported file, or
     an embedded model name (``x2``, ``x4``, ``fast``)."""
     if spec == "bicubic":
         from sparsesr.evaluate import bicubic_upscaler
 
         scale = scale or 2
         return ResolvedUpscaler(bicubic_upscaler(scale), scale, f"bicubic x{scale}")
-    from sparsesr.pretrained import EMBEDDED_MODELS, resolve_model
+    from sparsesr.pretrained import resolve_model
 
-    path = resolve_model(spec) if spec in EMBEDDED_MODELS else Path(spec)
-    if not path.is_file():
-        raise SparseSRError(f"{spec}: not 'bicubic', not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-                            "and no such model file")
+    path = resolve_model(spec, also=("bicubic",))
     model = _load_any(path)
     model_scale = int(model.config.scale)
     if scale is not None and scale != model_scale:
@@ -54,13 +51,12 @@ def resolve_upscaler(spec: str, scale: int | None = None) -> ResolvedUpscaler:
 
 
 def _load_any(path: Path) -> nn.Module:
+    from sparsesr.format import is_sparse_model_file
+
+    if is_sparse_model_file(path):
+        from sparsesr.runtime import load
+
+        return load(path)
     from sparsesr.models.checkpoint import load_model
 
-    try:
-        return load_model(path)
-    except CheckpointError as exc:
-        if "exported sparse model" not in str(exc):
-            raise
-    from sparsesr.runtime import load  # an exported sparse file
-
-    return load(path)
+    return load_model(path)

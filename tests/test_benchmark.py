@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,8 @@ import torch
 
 from sparsesr.benchmark import benchmark_model, format_result, peak_memory, time_pair
 from sparsesr.cli import main
-from sparsesr.errors import SparseSRError
-from sparsesr.format import export
+from sparsesr.errors import BackendError, SparseSRError
+from sparsesr.format import describe, export, export_bytes, parse_bytes, read_file
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pruning import one_shot_prune
@@ -20,6 +22,7 @@ from sparsesr.runtime import backends
 
 REPORT_PY = Path(__file__).resolve().parents[1] / "bench" / "report.py"
 SPARSE_BACKEND = "cpu" if backends.unavailable_reason("cpu") is None else "auto"
+VALID_PATHS = {"cpu", "triton", "dense"}
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +74,50 @@ def test_benchmark_model_on_exported_file(tiny_files):
     if SPARSE_BACKEND == "cpu":  # forced: every layer, the two stored dense too
         assert result["paths"] == {"cpu": 6}
         assert all(row["path"] == "cpu" for row in layers)
+    # Every per-layer row agrees with the file and with itself; the timed paths match the whole-model run.
+    model_file = read_file(exported)
+    assert [row["name"] for row in layers] == list(model_file.layers)
+    for row in layers:
+        layer = model_file.layers[row["name"]]
+        assert row["layout"] == layer.layout and row["shape"] == list(layer.shape)
+        assert row["sparsity"] == pytest.approx(layer.sparsity, abs=1e-9)
+        assert row["path"] in VALID_PATHS and row["reason"]
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["sparse_ms"])
+        side = 32 if row["name"] == "tail.1" else 16  # the last conv runs after the x2 upsampler
+        assert row["dense_gflop"] == pytest.approx(2 * math.prod(layer.shape) * side * side / 1e9)
+    assert Counter(row["path"] for row in layers) == result["paths"]
+    summary = describe(exported)
+    assert result["dense_fp32_bytes"] == summary["dense_fp32_bytes"] and result["sparsity"] == summary["sparsity"]
     text = format_result(result)
-    assert "speedup x" in text and "body.0.body.2" in text and "KB" in text
+    assert f"speedup x{result['speedup']:.2f}" in text and "body.0.body.2" in text and "KB" in text
 
 
 def test_benchmark_model_exports_a_checkpoint_in_memory(tiny_files):
     checkpoint, _ = tiny_files
     result = benchmark_model(checkpoint, size=8, threads=1, repeats=1, warmup=0)
-    assert result["exported_in_memory"] and result["dense_fp32_bytes"] > 0
-    assert result["speedup"] > 0
+    # The export in memory is the file `sparsesr export` would write (export is deterministic).
+    data = export_bytes(checkpoint, dtype="fp32", layout="auto")
+    summary = parse_bytes(data).summary()
+    assert result["exported_in_memory"] and result["file"] == str(checkpoint)
+    assert result["file_bytes"] == len(data) and result["dense_fp32_bytes"] == summary["dense_fp32_bytes"]
+    assert result["size_ratio"] == pytest.approx(len(data) / summary["dense_fp32_bytes"])
+    assert result["sparsity"] == summary["sparsity"]
+    assert result["speedup"] == pytest.approx(result["dense"]["median_ms"] / result["sparse"]["median_ms"])
+    assert result["dense"]["rounds"] == result["sparse"]["rounds"] == 1
+    assert set(result["paths"]) <= VALID_PATHS and sum(result["paths"].values()) == len(summary["layers"])
+    assert result["device"] == "cpu" or torch.cuda.is_available()
+
+
+def test_bad_devices_are_one_line_errors(tiny_files, capsys):
+    """#15.3: `sparsesr bench x2 --device tpu` was a RuntimeError traceback."""
+    _, exported = tiny_files
+    with pytest.raises(BackendError, match="--device tpu: expected auto, cpu, cuda or cuda:N"):
+        benchmark_model(exported, size=8, device="tpu")
+    with pytest.raises(BackendError, match="--device tpu"):
+        peak_memory(exported, size=8, device="tpu")  # refused here, not as the child process's traceback
+    assert main(["bench", "x2", "--device", "tpu", "--size", "8", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["sparsesr bench: error: --device tpu: expected auto, cpu, cuda or cuda:N"]
 
 
 def test_cli_bench_json_and_errors(tiny_files, capsys):

@@ -192,3 +192,26 @@ def test_reshaped_or_dropped_tensor(key, data):
         return  # nothing changed
     with pytest.raises(SparseFormatError):
         parse_bytes(save_tensors(edited, metadata=METADATA))
+
+
+# --- the checkpoint loader shares the config checks (#15.13) ----------------------------------------
+
+CHECKPOINT_TENSORS = {k: v.contiguous() for k, v in
+                      build_model("edsr-baseline", 2, n_resblocks=1, n_feats=4).state_dict().items()}
+CHECKPOINT_CONFIG = build_model("edsr-baseline", 2, n_resblocks=1, n_feats=4).config.to_dict()
+
+
+@FUZZ
+@given(st.sampled_from(CONFIG_FIELDS), JSON_VALUES)
+def test_edited_checkpoint_config(tmp_path_factory, field, value):
+    """A checkpoint with any edited config field loads or raises CheckpointError, nothing else."""
+    from sparsesr.errors import CheckpointError
+    from sparsesr.models.checkpoint import load_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "c.safetensors"
+    config = dict(CHECKPOINT_CONFIG, **{field: value})
+    path.write_bytes(save_tensors(CHECKPOINT_TENSORS, metadata={"config": json.dumps(config)}))
+    try:
+        load_model(path)
+    except CheckpointError as exc:
+        assert str(exc).startswith(f"{path}: ") and "\n" not in str(exc)

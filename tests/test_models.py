@@ -10,8 +10,30 @@ from sparsesr.models.edsr import EDSRConfig
 def test_output_shape_and_range(scale):
     model = build_model("edsr-cpu", scale, n_resblocks=2, n_feats=8).eval()
     x = torch.rand(2, 3, 7, 5)
-    y = model(x)
+    with torch.no_grad():
+        y = model(x)
     assert y.shape == (2, 3, 7 * scale, 5 * scale)
+    # Freshly initialised, the network's residual output is small: the image stays near the mean
+    # colour, inside [0, 1] up to a margin, and finite everywhere.
+    assert torch.isfinite(y).all()
+    assert -0.5 < y.min() and y.max() < 1.5, (y.min(), y.max())
+
+
+@pytest.mark.parametrize("rgb_range", [1.0, 255.0])
+def test_zero_network_outputs_the_dataset_mean(rgb_range):
+    """With every conv zeroed only the mean shifts act: the output is the DIV2K mean colour in
+    [0, 1] whatever the input, so the shifts and the rgb_range scaling undo each other exactly."""
+    from sparsesr.models.edsr import DIV2K_RGB_MEAN
+
+    model = build_model("edsr-cpu", 2, n_resblocks=1, n_feats=4, rgb_range=rgb_range).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                module.weight.zero_()
+                module.bias.zero_()
+        y = model(torch.rand(1, 3, 5, 6))
+    want = torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1).expand_as(y)
+    torch.testing.assert_close(y, want, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,6 @@ if not torch.cuda.is_available():
 from sparsesr import runtime
 from sparsesr.errors import SparseFormatError
 from sparsesr.format import export, read_file
-from sparsesr.format import writer
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import Checkpoint, save_checkpoint
 from sparsesr.runtime import BackendError, FusedResBlock, SparseConv2d, backends
@@ -29,9 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(autouse=True)
 def _quiet_kernels(monkeypatch):
     # The CPU kernel caches its dense-vs-sparse timings in ~/.cache; tests leave no files behind.
-    # export --layout auto must not depend on timings either: the documented thresholds decide.
     monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "0")
-    monkeypatch.setattr(writer, "_cpu_kernel", lambda: None)
 
 
 def pruned_model(scale: int = 2, sparsity: float = 0.9, block: int = 1, size: tuple[int, int] | None = (2, 16),
@@ -92,12 +89,10 @@ def test_reproduces_the_pruned_dense_model(tmp_path, scale, layout, dtype, backe
 
 @pytest.fixture(scope="module")
 def edsr_baseline(tmp_path_factory) -> tuple[torch.nn.Module, object]:
-    """The real EDSR-baseline x2, 90% pruned, exported as fp16 (--layout auto, thresholds)."""
+    """The real EDSR-baseline x2, 90% pruned, exported as fp16 (--layout auto)."""
     model = pruned_model(2, size=None)
     path = tmp_path_factory.mktemp("edsr") / "m.safetensors"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(writer, "_cpu_kernel", lambda: None)
-        export(checkpoint_of(model), path, dtype="fp16", layout="auto")
+    export(checkpoint_of(model), path, dtype="fp16", layout="auto")
     return model, path
 
 
@@ -244,3 +239,118 @@ def test_auto_runs_layers_stored_dense_on_the_cpu_kernel_where_measured_faster(t
     expected = "cpu" if kernel_faster else "dense"
     assert paths["head.0"] == paths["tail.1"] == paths["body.0.body.0"] == expected
     assert 3 in asked  # the 16 -> 3 last conv was measured, not assumed
+
+
+# --- devices, names, hostile checkpoints, shipped files -----------------------------------------
+
+
+def test_resolve_device():
+    """#15.3: one function turns every --device / device= string into a torch device."""
+    from sparsesr.runtime.backends import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("tpu", "cuda:x", "cuda:-1", "cpu:0", "", "mps", "cuda:1:2"):
+        with pytest.raises(BackendError, match=f"--device {bad}: expected auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        assert resolve_device("cuda:0") == torch.device("cuda", 0)
+        with pytest.raises(BackendError, match=f"there is no CUDA device {count}"):
+            resolve_device(f"cuda:{count}")
+    else:
+        for name in ("cuda", "cuda:0"):
+            with pytest.raises(BackendError, match="no CUDA GPU is available"):
+                resolve_device(name)
+
+
+def test_bad_devices_are_backend_errors_everywhere(tmp_path):
+    import sparsesr
+    from sparsesr.upscaling import _pick_device
+
+    model = pruned_model(2)
+    export(checkpoint_of(model), tmp_path / "m.safetensors")
+    for load in (runtime.load, sparsesr.load):
+        with pytest.raises(BackendError, match="--device tpu: expected auto, cpu, cuda or cuda:N"):
+            load(tmp_path / "m.safetensors", device="tpu")
+    with pytest.raises(BackendError, match="--device tpu"):
+        _pick_device("tpu")
+    assert _pick_device("cpu") == "cpu"
+
+
+def test_load_takes_embedded_names(tmp_path, monkeypatch):
+    """#15.10: sparsesr.load("x2") like `upscale --model x2`; an existing file of that name wins."""
+    import sparsesr
+    from sparsesr.errors import ModelNotFoundError
+
+    sparse = sparsesr.load("x2", device="cpu")
+    assert sparse.config.scale == 2 and sparse.model_file_source.endswith("edsr-cpu-x2.sparsesr.safetensors")
+    monkeypatch.chdir(tmp_path)
+    export(checkpoint_of(pruned_model(4)), tmp_path / "x2")
+    assert runtime.load("x2", device="cpu").config.scale == 4
+    with pytest.raises(ModelNotFoundError, match=r"x9: no such file, and not an embedded model \(x2, x4, fast\)"):
+        runtime.load("x9", device="cpu")
+
+
+def test_load_refuses_a_hostile_checkpoint_before_building(tmp_path, monkeypatch):
+    """#15.13: `upscale --model` sends a file without sparsesr metadata through the checkpoint path."""
+    import json
+
+    from safetensors.torch import save as save_tensors
+
+    from sparsesr.errors import CheckpointError
+    from sparsesr.format import writer
+
+    def refuse(config):
+        raise AssertionError(f"a network was built for {config}")
+
+    monkeypatch.setattr(writer, "model_from_config", refuse)  # the old code allocated 57.6 GB here
+    path = tmp_path / "e.safetensors"
+    path.write_bytes(save_tensors({"head.0.weight": torch.zeros(1, 3, 3, 3)},
+                                  metadata={"config": json.dumps({"n_resblocks": 1, "n_feats": 40000, "scale": 2})}))
+    with pytest.raises(CheckpointError, match="n_feats must be an integer in 1..2048, found 40000"):
+        runtime.load(path, device="cpu")
+
+
+def test_shipped_models_still_load_and_run():
+    """Files written by this version (the embedded models) pass the stricter reader and run."""
+    from sparsesr.pretrained import EMBEDDED_MODELS, model_dir
+
+    for name, entry in EMBEDDED_MODELS.items():
+        path = model_dir() / entry.filename
+        assert path.is_file(), path
+        model_file = read_file(path)
+        assert model_file.config.scale == entry.scale
+        sparse = runtime.load(path, device="cpu", backend="dense")
+        y = run(sparse, torch.rand(1, 3, 8, 8))
+        assert y.shape == (1, 3, 8 * entry.scale, 8 * entry.scale) and bool(torch.isfinite(y).all()), name
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_mean_shifts_are_folded_into_the_first_and_last_convs(scale, one_thread):
+    """No pass of its own for add_mean / sub_mean or the rgb_range scalings, the same output to
+    rounding (borders included: odd sizes), and loading twice from one parsed file gives the same
+    model (the fold must not touch the file's tensors)."""
+    from sparsesr.format import export_bytes, parse_bytes
+    from sparsesr.models import build_model
+    from sparsesr.models.checkpoint import Checkpoint
+    from sparsesr.pruning import one_shot_prune
+    from sparsesr.runtime import load
+
+    torch.manual_seed(scale)
+    dense = build_model("edsr-cpu", scale, n_resblocks=2, n_feats=8).eval()
+    one_shot_prune(dense, 0.8)
+    model_file = parse_bytes(export_bytes(Checkpoint(state_dict=dense.state_dict(), arch="edsr-cpu", config=dense.config)))
+    x = torch.rand(2, 3, 13, 11)
+    with torch.no_grad():
+        want = dense(x)
+        for backend in ("dense", "cpu", "dense"):
+            if backend == "cpu" and not __import__("sparsesr.kernels.cpu", fromlist=["available"]).available():
+                continue
+            model = load(model_file, backend=backend)
+            calls = []
+            for shift in (model.sub_mean, model.add_mean):
+                shift.register_forward_hook(lambda *args: calls.append(1))
+            torch.testing.assert_close(model(x), want, atol=2e-6, rtol=1e-5)
+            assert not calls, "a mean shift ran as a pass of its own"

@@ -26,17 +26,18 @@ from sparsesr.format.spec import (
     INDEX_DTYPES,
     LAYOUTS,
     MAX_BLOCK_SIDE,
-    MAX_COLORS,
-    MAX_FEATS,
     MAX_HEADER_BYTES,
-    MAX_RESBLOCKS,
     VALUE_DTYPES,
     dense_fp32_nbytes,
     expected_structure,
+    is_finite_number,
+    is_int,
     sparse_eligible,
+    validated_config,
     weight_tensor_names,
 )
 from sparsesr.models import arch_of
+from sparsesr.models.checkpoint import Checkpoint
 from sparsesr.models.edsr import EDSRConfig
 
 SPARSITY_TOLERANCE = 1e-6
@@ -94,6 +95,21 @@ class SparseModelFile:
         """The model's state dict with every conv weight densified to fp32."""
         state = {f"{name}.weight": layer.to_dense().float() for name, layer in self.layers.items()}
         return {**state, **self.tensors}
+
+    def to_checkpoint(self) -> Checkpoint:
+        """The file as a dense checkpoint (fp32 weights), e.g. to prune or re-export it.
+
+        The pruning settings and quality scores of the provenance come along as checkpoint
+        metadata, so a re-export records them again.
+        """
+        provenance = self.provenance
+        metadata = {}
+        pruning = provenance.get("pruning")
+        if isinstance(pruning, dict) or provenance.get("pruning_method") is not None:
+            metadata["pruning"] = {"method": provenance.get("pruning_method"), **(pruning if isinstance(pruning, dict) else {})}
+        if "quality" in provenance:
+            metadata["quality"] = provenance["quality"]
+        return Checkpoint(state_dict=self.dense_state_dict(), arch=self.arch, config=self.config, metadata=metadata)
 
     def summary(self) -> dict:
         """Per-layer rows and totals, as ``describe()`` and the export report show them."""
@@ -268,22 +284,10 @@ class _Validator:
             raise self.fail(f"metadata {key!r} is not valid JSON ({exc})") from None
 
     def _config(self) -> EDSRConfig:
-        raw = self._json("config")
-        if not isinstance(raw, dict):
-            raise self.fail("metadata config must be a JSON object")
-        limits = {"n_resblocks": MAX_RESBLOCKS, "n_feats": MAX_FEATS, "n_colors": MAX_COLORS, "scale": 8}
-        for key, limit in limits.items():
-            value = raw.get(key)
-            if key in raw and not (_is_int(value) and 1 <= value <= limit):
-                raise self.fail(f"config {key} must be an integer in 1..{limit}, found {value!r}")
-        for key in ("res_scale", "rgb_range"):
-            value = raw.get(key)
-            if key in raw and not _is_finite_number(value):
-                raise self.fail(f"config {key} must be a finite number, found {value!r}")
-        try:
-            return EDSRConfig.from_dict(raw)
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise self.fail(f"bad config: {exc}") from None
+        try:  # the same checks as for a checkpoint's config (sparsesr.models.checkpoint)
+            return validated_config(self._json("config"))
+        except ConfigError as exc:
+            raise self.fail(f"bad metadata config: {exc}") from None
 
     # -- tensors --
 
@@ -331,7 +335,7 @@ class _Validator:
             tensors = {"row_ptr": row_ptr, "col_idx": col_idx, "values": values}
         else:
             block = meta.get("block")
-            if not (isinstance(block, list) and len(block) == 2 and all(_is_int(b) for b in block)
+            if not (isinstance(block, list) and len(block) == 2 and all(is_int(b) for b in block)
                     and 1 <= block[0] <= min(c_out, MAX_BLOCK_SIDE) and 1 <= block[1] <= min(k, MAX_BLOCK_SIDE)):
                 raise self.fail(f"block {block!r}, expected [b_h, b_w] with 1 <= b_h <= min(C_out, {MAX_BLOCK_SIDE}) "
                                 f"and 1 <= b_w <= min(K, {MAX_BLOCK_SIDE})", name)
@@ -348,7 +352,7 @@ class _Validator:
                           tensors=tensors, index=index, block=block)
         layer.sparsity = 1.0 - _count_nonzero(layer) / math.prod(shape)
         stated = meta.get("sparsity")
-        if not (_is_finite_number(stated) and abs(stated - layer.sparsity) <= SPARSITY_TOLERANCE):
+        if not (is_finite_number(stated) and abs(stated - layer.sparsity) <= SPARSITY_TOLERANCE):
             raise self.fail(f"metadata sparsity {stated!r} but the weights are {layer.sparsity:.6f} sparse", name)
         if meta.get("nnz") != layer.nnz:
             raise self.fail(f"metadata nnz {meta.get('nnz')!r} but {layer.nnz} entries are stored", name)
@@ -397,16 +401,6 @@ class _Validator:
         if nnz and (int(cols.min()) < 0 or int(cols.max()) >= n_cols):
             raise self.fail(f"{col_name} out of range: found {int(cols.min())}..{int(cols.max())}, expected 0..{n_cols - 1}", layer)
         return row_ptr.int(), cols.int()
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite_number(value) -> bool:
-    if _is_int(value):
-        return abs(value) < 2**53  # larger ints do not round-trip through a float
-    return isinstance(value, float) and math.isfinite(value)
 
 
 def _count_nonzero(layer: ConvLayer) -> int:

@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from sparsesr import __version__
-from sparsesr.errors import ConfigError
-from sparsesr.fileio import atomic_write_bytes, sha256_of
+from sparsesr.errors import ConfigError, OutputPathError
+from sparsesr.fileio import atomic_write_bytes, canonical_safetensors, sha256_of
 from sparsesr.format import layouts
-from sparsesr.format.reader import parse_bytes
+from sparsesr.format.reader import is_sparse_model_file, parse_bytes, read_file
 from sparsesr.format.spec import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -24,17 +24,16 @@ from sparsesr.format.spec import (
     weight_tensor_names,
 )
 from sparsesr.models import arch_of, model_from_config
-from sparsesr.models.checkpoint import Checkpoint, load_checkpoint, load_state_dict_strict
+from sparsesr.models.checkpoint import Checkpoint, check_state_dict, load_checkpoint, load_state_dict_strict
 
 EXPORT_LAYOUTS = ("auto",) + LAYOUTS
 
-# --layout auto keeps a layer sparse only where the sparse kernel is expected to beat dense
-# convolution: its sparsity must reach the crossover measured for the CPU kernel (thresholds
-# below, docs/format.md "Choosing layouts"), and when the CPU kernel is built, its own measured
-# decision on this machine (``should_use_sparse`` at AUTO_REFERENCE_SIZE^2 inputs) must agree.
-# The thresholds also keep files portable: a barely sparse layer stays dense for the GPU too,
-# where sparse kernels break even only at 60-90% sparsity (docs/format.md).
-AUTO_REFERENCE_SIZE = 128
+# --layout auto: a layer's layout depends on its weights alone (docs/format.md "Choosing layouts"),
+# so one checkpoint gives the same file on every machine; which kernel runs a layer fastest is
+# decided per machine and per input size by the runtime. A sparse-eligible layer is stored bsr
+# when its zeros follow 8x1 / 4x1 blocks and at least BSR_MIN_SPARSITY of it is zero, csr when it
+# is unstructured and at least CSR_MIN_SPARSITY is zero, else dense. The thresholds are the CPU
+# kernel's measured crossovers, where sparse starts to pay off on any machine.
 CSR_MIN_SPARSITY = 0.6
 BSR_MIN_SPARSITY = 0.3
 
@@ -64,13 +63,15 @@ def export(
     dtype: str = "fp32",
     layout: str = "auto",
 ) -> ExportReport:
-    """Write ``source`` (a checkpoint path or a loaded ``Checkpoint``) as a sparsesr file.
+    """Write ``source`` (a checkpoint or exported file, an embedded model name, or a loaded
+    ``Checkpoint``; see ``load_source``) as a sparsesr file at ``out_path`` (a file, not a folder).
 
     ``dtype`` is the storage type of conv weights (fp32 / fp16 / bf16; biases stay fp32).
     ``layout`` forces every sparse-eligible conv to ``dense`` / ``csr`` / ``bsr``, or lets
-    ``auto`` choose per layer. The file is validated by the reader before it is written, and
-    written atomically.
+    ``auto`` choose per layer (``choose_layout``). The same input gives the same bytes on every
+    machine. The file is validated by the reader before it is written, and written atomically.
     """
+    out_path = output_file(out_path)
     data = export_bytes(source, dtype=dtype, layout=layout)
     summary = parse_bytes(data, source=str(out_path)).summary()
     atomic_write_bytes(out_path, data)
@@ -86,11 +87,8 @@ def export_bytes(source: str | os.PathLike | Checkpoint, dtype: str = "fp32", la
         raise ConfigError(f"export dtype must be one of {list(VALUE_DTYPES)}, got {dtype!r}")
     if layout not in EXPORT_LAYOUTS:
         raise ConfigError(f"export layout must be one of {list(EXPORT_LAYOUTS)}, got {layout!r}")
-    if isinstance(source, Checkpoint):
-        ckpt, provenance = source, {"source": None, "source_sha256": None}
-    else:
-        ckpt = load_checkpoint(source)
-        provenance = {"source": Path(source).name, "source_sha256": sha256_of(source)}
+    ckpt, path = load_source(source)
+    provenance = {"source": path and path.name, "source_sha256": path and sha256_of(path)}
     provenance.update(_pruning_provenance(ckpt.metadata.get("pruning")), exporter=f"sparsesr {__version__}")
     if "quality" in ckpt.metadata:  # measured scores recorded in the checkpoint (tools/ship_models.py)
         provenance["quality"] = ckpt.metadata["quality"]
@@ -107,7 +105,7 @@ def export_bytes(source: str | os.PathLike | Checkpoint, dtype: str = "fp32", la
         "layers": json.dumps(layer_meta),
         "provenance": json.dumps(provenance),
     }
-    return save(tensors, metadata=metadata)
+    return canonical_safetensors(save(tensors, metadata=metadata))
 
 
 def _pruning_provenance(pruning) -> dict:
@@ -131,7 +129,7 @@ def _encode_model(model: nn.Module, value_dtype: torch.dtype, dtype_name: str,
     layer_meta: dict[str, dict] = {}
     for name in conv_names:
         weight = state.pop(f"{name}.weight").to(value_dtype)
-        chosen = _choose_layout(weight, layout) if name in eligible else "dense"
+        chosen = choose_layout(weight, layout) if name in eligible else "dense"
         stored, meta = encode_weight(name, weight, chosen)
         tensors.update(stored)
         layer_meta[name] = {**meta, "dtype": dtype_name}
@@ -173,33 +171,45 @@ def encode_weight(name: str, weight: torch.Tensor, layout: str, index: str | Non
     return tensors, meta
 
 
-def _choose_layout(weight: torch.Tensor, layout: str) -> str:
+def choose_layout(weight: torch.Tensor, layout: str = "auto") -> str:
+    """The layout ``export`` stores a sparse-eligible ``weight`` in: ``layout`` unless it is ``auto``,
+    then the rule above (a pure function of the zeros: no timing, no machine dependence)."""
     if layout != "auto":
         return layout
-    block = layouts.detect_block_shape(weight)
-    candidate = "bsr" if block else "csr"
-    return candidate if _sparse_expected_faster(weight, candidate, block) else "dense"
-
-
-def _sparse_expected_faster(weight: torch.Tensor, layout: str, block: tuple[int, int] | None) -> bool:
     sparsity = 1.0 - int(torch.count_nonzero(weight)) / weight.numel()
-    if sparsity < (BSR_MIN_SPARSITY if layout == "bsr" else CSR_MIN_SPARSITY):
-        return False
-    cpu = _cpu_kernel()
-    if cpu is None:
-        return True
-    matrix = weight.float()
-    if layout == "bsr":
-        prepared = cpu.prepare_bsr(*layouts.dense_to_bsr(matrix, block), *weight.shape)
-    else:
-        prepared = cpu.prepare_csr(*layouts.dense_to_csr(matrix), *weight.shape[1:])
-    return bool(cpu.should_use_sparse(prepared, AUTO_REFERENCE_SIZE, AUTO_REFERENCE_SIZE))
+    if layouts.detect_block_shape(weight) is not None:
+        return "bsr" if sparsity >= BSR_MIN_SPARSITY else "dense"
+    return "csr" if sparsity >= CSR_MIN_SPARSITY else "dense"
 
 
-def _cpu_kernel():
-    """The compiled CPU kernel module if it is built (format never needs it otherwise)."""
-    try:
-        from sparsesr.kernels import cpu
-    except ImportError:
-        return None
-    return cpu if cpu.available() else None
+def output_file(path: str | os.PathLike, option: str = "-o") -> Path:
+    """``path`` as a file to write, or ``OutputPathError`` if it names a folder.
+
+    Refused rather than guessed: ``-o out/`` used to write a file called ``out``.
+    """
+    text = os.fspath(path)
+    if text.endswith(("/", os.sep)) or (os.altsep and text.endswith(os.altsep)):
+        raise OutputPathError(f"{option} {text}: ends in a path separator; name the output file, "
+                              f"e.g. {option} {text.rstrip('/' + os.sep)}/model.safetensors")
+    if Path(text).is_dir():
+        raise OutputPathError(f"{option} {text}: is a folder; name the output file, e.g. {option} {Path(text) / 'model.safetensors'}")
+    return Path(text)
+
+
+def load_source(source: str | os.PathLike | Checkpoint) -> tuple[Checkpoint, Path | None]:
+    """The checkpoint to export or prune, and its file (None for a ``Checkpoint``).
+
+    ``source`` may be a checkpoint file, an exported file (densified: it can be re-exported
+    with another dtype or layout, or pruned further), or an embedded model name (``x2``...; see
+    ``sparsesr.pretrained.resolve_model``).
+    """
+    if isinstance(source, Checkpoint):
+        # Built in memory, but held to the same rules as a file before a network is built from it.
+        check_state_dict(source.config, source.state_dict, source="checkpoint")
+        return source, None
+    from sparsesr.pretrained import resolve_model
+
+    path = resolve_model(source)
+    if is_sparse_model_file(path):
+        return read_file(path).to_checkpoint(), path
+    return load_checkpoint(path), path

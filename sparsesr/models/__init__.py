@@ -11,7 +11,7 @@ from torch import nn
 from sparsesr.errors import ConfigError
 from sparsesr.models.edsr import EDSR, EDSRConfig
 
-# name -> (constructor, default config). One entry per preset; scale is filled in at build time.
+# name -> default config. One entry per preset; scale is filled in at build time.
 PRESETS: dict[str, EDSRConfig] = {
     # The EDSR paper's baseline: 16 residual blocks x 64 channels (1.37M parameters at x2).
     "edsr-baseline": EDSRConfig(n_resblocks=16, n_feats=64, res_scale=1.0),

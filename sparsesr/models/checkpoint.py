@@ -1,13 +1,15 @@
 """Reading and writing model checkpoints.
 
 sparsesr checkpoints are safetensors files whose ``__metadata__`` holds the architecture and its
-config as JSON, so a file is self-describing. Official EDSR-PyTorch and BasicSR ``.pt``/``.pth``
-state dicts are read too (with ``torch.load(weights_only=True)``: never plain unpickling), their
-architecture inferred from the keys and shapes.
+config as JSON, so a file is self-describing. ``.pt``/``.pth`` state dicts with EDSR-PyTorch key
+names are read too, also inside BasicSR's ``params`` / ``params_ema`` wrapping (with
+``torch.load(weights_only=True)``: never plain unpickling), their architecture inferred from the
+keys and shapes. BasicSR's own EDSR key names (``conv_first``...) are not read yet.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 from sparsesr.errors import CheckpointError, ConfigError
-from sparsesr.fileio import atomic_write_bytes
+from sparsesr.fileio import atomic_write_bytes, canonical_safetensors
 from sparsesr.models import arch_of, model_from_config
 from sparsesr.models.edsr import EDSRConfig
 
@@ -37,19 +39,49 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict | 
     """Write ``model``'s weights and config to a safetensors file, atomically.
 
     ``metadata`` values may be any JSON-serialisable objects; they come back from
-    ``load_checkpoint`` as the same objects.
+    ``load_checkpoint`` as the same objects. The metadata also records ``weights_sha256``
+    (``weights_sha256(tensors)``) so a reader can detect changed weights. Non-finite weights
+    (NaN, inf) are refused with a ``CheckpointError``: such a model is never worth keeping.
     """
     from safetensors.torch import save
 
     config: EDSRConfig = model.config
-    meta = {"format": CHECKPOINT_FORMAT, "arch": arch_of(config), "config": config.to_dict(), **(metadata or {})}
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    for name, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{path}: refusing to save non-finite weights ({name} holds NaN or inf)")
+    # The digest goes last so that metadata copied from another checkpoint cannot override it.
+    meta = {"format": CHECKPOINT_FORMAT, "arch": arch_of(config), "config": config.to_dict(), **(metadata or {}),
+            "weights_sha256": weights_sha256(tensors)}
     # safetensors' save_file creates files readable by the owner only: write the bytes ourselves.
-    atomic_write_bytes(path, save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    # Canonical header: the same model and metadata give the same bytes in every process.
+    atomic_write_bytes(path, canonical_safetensors(save(tensors, metadata={k: json.dumps(v) for k, v in meta.items()})))
+
+
+def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the tensors in key order: for each, ``"<key>\\t<dtype>\\t<shape>\\n"`` then its raw bytes.
+
+    Recomputing it over the tensors ``load_checkpoint`` returns checks them against the value
+    ``save_checkpoint`` recorded as ``weights_sha256``.
+    """
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key].detach().to("cpu").contiguous()
+        digest.update(f"{key}\t{str(value.dtype).removeprefix('torch.')}\t{list(value.shape)}\n".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a sparsesr safetensors checkpoint or an official EDSR-PyTorch / BasicSR state dict."""
+    """Read a sparsesr safetensors checkpoint or an EDSR-PyTorch state dict (also BasicSR-wrapped).
+
+    Nothing in the file is trusted: its config (from the metadata, or inferred from the shapes)
+    gets the same limits as an exported file's (``sparsesr.format.spec.validated_config``), and
+    every tensor the config implies must be present with its shape, no other one, all finite,
+    before anything is built. So the network a checkpoint makes is never larger than the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -59,15 +91,17 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         state_dict, metadata = _read_safetensors(path)
     if metadata.get("format") == "sparsesr":
         raise CheckpointError(f"{path}: this is an exported sparse model; load it with sparsesr.load()")
+    recorded = metadata.get("weights_sha256")  # files written before the digest existed have none
+    if recorded is not None and recorded != weights_sha256(state_dict):
+        raise CheckpointError(f"{path}: the weights do not match the digest recorded when the file was saved "
+                              "(weights_sha256): the file is corrupt or was edited")
     state_dict = _normalise_keys(state_dict)
     if "config" in metadata:
-        try:
-            config = EDSRConfig.from_dict(metadata["config"])
-        except (ConfigError, TypeError) as exc:
-            raise CheckpointError(f"{path}: bad config in metadata: {exc}") from None
+        config = _validated(metadata["config"], f"{path}: bad config in metadata")
     else:
         config = infer_config(state_dict, source=str(path))
-    return Checkpoint(state_dict=state_dict, arch=metadata.get("arch", arch_of(config)), config=config, metadata=metadata)
+    check_state_dict(config, state_dict, source=str(path))
+    return Checkpoint(state_dict=state_dict, arch=arch_of(config), config=config, metadata=metadata)
 
 
 def load_model(path: str | os.PathLike) -> nn.Module:
@@ -78,16 +112,45 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
+def check_state_dict(config: EDSRConfig, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Raise ``CheckpointError`` unless ``state_dict`` holds exactly the tensors ``config``'s network
+    has, with their shapes, as finite dense floating-point CPU tensors. Builds nothing (the
+    expected shapes come from the meta device)."""
+    from sparsesr.format.spec import expected_structure
+
+    _validated(config.to_dict(), f"{source}: bad config")  # a Checkpoint built in code skipped load_checkpoint
+    _, expected = expected_structure(config)
+    problems = _structure_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
+    if problems:
+        wanted = sum(math.prod(s) for s in expected.values())
+        found = sum(v.numel() for v in state_dict.values())
+        raise CheckpointError(f"{source}: the tensors do not match the config ({config.n_resblocks} blocks x "
+                              f"{config.n_feats} channels, x{config.scale}: {wanted:,} values; the file holds "
+                              f"{found:,}): {problems}")
+    for key, tensor in state_dict.items():
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or not tensor.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key!r} is a {str(tensor.dtype).removeprefix('torch.')} "
+                                  f"{tensor.layout} tensor on {tensor.device.type}, expected dense floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values")
+
+
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load weights, naming any missing, unexpected or mis-shaped keys in one error line."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = [
-        f"{k} {tuple(state_dict[k].shape)} (expected {tuple(v.shape)})"
-        for k, v in expected.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
+    problems = _structure_problems({k: tuple(v.shape) for k, v in expected.items()},
+                                   {k: tuple(v.shape) for k, v in state_dict.items()})
+    if problems:
+        raise CheckpointError(f"{source}: does not match the architecture: {problems}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
+
+
+def _structure_problems(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]]) -> str:
+    """Missing, unexpected and mis-shaped keys in one line ("" when the two agree)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = [f"{k} expected {expected[k]} found {found[k]}"
+                  for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
     problems = []
     if missing:
         problems.append(f"missing keys {_few(missing)}")
@@ -95,9 +158,16 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
         problems.append(f"unexpected keys {_few(unexpected)}")
     if mismatched:
         problems.append(f"mismatched shapes {_few(mismatched)}")
-    if problems:
-        raise CheckpointError(f"{source}: does not match the architecture: " + "; ".join(problems))
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state_dict.items()})
+    return "; ".join(problems)
+
+
+def _validated(raw: object, prefix: str) -> EDSRConfig:
+    from sparsesr.format.spec import validated_config  # here: sparsesr.format imports this module
+
+    try:
+        return validated_config(raw)
+    except ConfigError as exc:
+        raise CheckpointError(f"{prefix}: {exc}") from None
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> EDSRConfig:
@@ -119,10 +189,8 @@ def infer_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
         raise CheckpointError(f"{source}: cannot infer the scale from the upsampler convs tail.0.*")
     # EDSR-PyTorch trains only its large model (32 x 256) with residual scaling 0.1.
     res_scale = 0.1 if (n_resblocks, n_feats) == (32, 256) else 1.0
-    try:
-        return EDSRConfig(n_resblocks=n_resblocks, n_feats=n_feats, res_scale=res_scale, scale=scale, n_colors=n_colors)
-    except ConfigError as exc:
-        raise CheckpointError(f"{source}: {exc}") from None
+    inferred = {"n_resblocks": n_resblocks, "n_feats": n_feats, "res_scale": res_scale, "scale": scale, "n_colors": n_colors}
+    return _validated(inferred, f"{source}: unsupported architecture (inferred from the shapes)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -154,7 +222,7 @@ def _read_torch(path: Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return obj
 

@@ -2,12 +2,17 @@
 
 The kernel packages are optional (the C extension may not have been built, triton may be missing
 or have no GPU), so they are imported defensively: any failure makes that backend unavailable,
-with the reason kept for ``backend_report()`` and ``sparsesr info --runtime``.
+with the reason kept for ``backend_report()`` and ``sparsesr info --runtime``. ``resolve_device``
+turns every ``--device`` / ``device=`` string of the package into a torch device.
 """
 from __future__ import annotations
 
 import functools
+import os
+import re
 from types import ModuleType
+
+import torch
 
 from sparsesr.errors import BackendError
 
@@ -40,6 +45,34 @@ def unavailable_reason(name: str) -> str | None:
         return None
     explain = getattr(module, "unavailable_reason", None)
     return (explain() if explain else None) or "available() is false"
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The torch device for a ``--device`` value: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``auto`` is CUDA when a GPU is visible (under torchrun, rank ``LOCAL_RANK``'s own GPU), else
+    the CPU. Anything else, CUDA without a GPU, or ``cuda:N`` past the last GPU raises
+    ``BackendError``, before torch sees the string (its own errors are tracebacks).
+    """
+    text = str(name).strip().lower()
+    if text == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        return torch.device("cuda", (int(local_rank) if local_rank.isdigit() else 0) % torch.cuda.device_count())
+    if text == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d{1,6}))?", text)
+    if match is None:
+        raise BackendError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise BackendError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    if match[1] is None:
+        return torch.device("cuda")
+    index, count = int(match[1]), torch.cuda.device_count()
+    if index >= count:
+        raise BackendError(f"--device {name}: there is no CUDA device {index}; this machine has cuda:0..cuda:{count - 1}")
+    return torch.device("cuda", index)
 
 
 def check_backend(backend: str, device_type: str) -> None:

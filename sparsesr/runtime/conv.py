@@ -53,6 +53,13 @@ class SparseConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
                 f"layout={self.layout}{block}, relu={self.relu}{shuffle}, backend={self.backend}")
 
+    def scale_values(self, factor: float) -> None:
+        """Multiply the weight by ``factor`` (a new tensor: the old one may be shared) and drop the
+        kernels' prepared copies of it."""
+        name = _VALUES_BUFFER[self.layout]
+        setattr(self, name, getattr(self, name) * factor)
+        self._dense_cache = self._cpu_cache = None
+
     @property
     def _values(self) -> torch.Tensor:
         """The float tensor of the weight (dense weight, CSR values or BSR block values)."""

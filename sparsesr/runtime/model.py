@@ -55,6 +55,39 @@ class SparseEDSR(EDSR):
                 for buffer_name, _ in list(module.named_buffers(recurse=False)):
                     setattr(module, buffer_name, tensors[f"{module_name}.{buffer_name}"].clone())
         self.model_file_source = model_file.source
+        self._fold_mean_shifts()
+
+    def _fold_mean_shifts(self) -> None:
+        """Fold the mean shifts and the ``rgb_range`` scalings into the first and last convs.
+
+        EDSR computes ``add_mean(tail(...)) / R`` at the output size: two extra passes over the
+        largest tensor of the network. ``add_mean`` is ``z + R m`` (an identity 1x1 conv plus a
+        bias), so the last conv takes ``W / R`` and ``(b + R m) / R``: the same result, no pass.
+        At the input, ``head(sub_mean(R x)) = head(R (x - m))``; scaling the head's weights by R
+        and feeding ``x - m`` keeps the zero padding where it was (the padded zeros of ``x - m``
+        are the padded zeros of ``R (x - m)``), so borders are unchanged too. Only for identity
+        mean shifts (every EDSR file); anything else keeps the plain path.
+        """
+        eye = torch.eye(self.config.n_colors).view_as(self.sub_mean.weight)
+        if not (torch.equal(self.sub_mean.weight, eye) and torch.equal(self.add_mean.weight, eye)):
+            self._input_shift = None
+            return
+        r = float(self.config.rgb_range)
+        head, last = self.head[0], self.tail[-1]
+        # New tensors, not in-place: the buffers may share memory with the SparseModelFile's.
+        head.scale_values(r)
+        last.scale_values(1.0 / r)
+        last.bias = (last.bias + self.add_mean.bias) / r if last.bias is not None else self.add_mean.bias / r
+        # sub_mean's bias is -R m, so the input shift is m
+        self.register_buffer("_input_shift", (self.sub_mean.bias / -r).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._input_shift is None:
+            return super().forward(x)
+        y = self.head(x - self._input_shift)
+        # the body's long skip (y + body(y)) as the residual of its last conv's epilogue
+        y = self.body[-1](self.body[:-1](y), residual=y)
+        return self.tail(y)
 
     def sparse_convs(self) -> list[SparseConv2d]:
         return [m for m in self.modules() if isinstance(m, SparseConv2d)]
@@ -74,21 +107,23 @@ class SparseEDSR(EDSR):
 def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backend: str = "auto") -> SparseEDSR:
     """Load an exported sparsesr file (or a plain checkpoint, exported in memory) for inference.
 
-    ``device``: "auto" (CUDA if available, else CPU) or any torch device string.
+    ``path``: an exported file, a checkpoint, an embedded model name (``x2``, ``x4``, ``fast``;
+    an existing file of that name wins) or a ``SparseModelFile``.
+    ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N" (else ``BackendError``).
     ``backend``: "auto" picks per layer and per call (see ``SparseConv2d``); "triton", "cpu" or
     "dense" force one path and raise ``BackendError`` if it cannot run here.
     Returns the model in eval mode. Invalid files raise ``SparseFormatError`` / ``CheckpointError``.
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise backends.BackendError(f"device {str(device)!r} was requested but no CUDA GPU is available")
+    from sparsesr.pretrained import resolve_model
+
+    device = backends.resolve_device(device)
     backends.check_backend(backend, device.type)
     if isinstance(path, SparseModelFile):
         model_file = path
-    elif is_sparse_model_file(path):
-        model_file = read_file(path)
-    else:  # a dense or pruned checkpoint: export it in memory, keeping the auto layouts
-        model_file = parse_bytes(export_bytes(path, dtype="fp32", layout="auto"), source=str(path))
+    else:
+        path = resolve_model(path)
+        if is_sparse_model_file(path):
+            model_file = read_file(path)
+        else:  # a dense or pruned checkpoint: export it in memory, keeping the auto layouts
+            model_file = parse_bytes(export_bytes(path, dtype="fp32", layout="auto"), source=str(path))
     return SparseEDSR(model_file, backend=backend).to(device).eval()
