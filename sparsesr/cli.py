@@ -25,19 +25,26 @@ def _add_train(sub) -> None:
         "--set section.key=value (e.g. --set train.iterations=500 --set prune.sparsity=0.9). "
         "Runs under `torchrun --nproc_per_node N` with DistributedDataParallel.",
     )
-    p.add_argument("--config", "-c", help="TOML config file (see configs/); defaults apply when omitted")
+    p.add_argument("--config", "-c", help="TOML config file (see configs/); defaults apply when omitted; "
+                   "not needed with --resume")
     p.add_argument("--out", "-o", required=True, help="output folder for checkpoints, state and log")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value (repeatable)")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in --out exactly where it stopped")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved in --out exactly where it stopped, with the config saved in "
+                   "--out/config.json; a -c/--set that differs from it is an error naming the keys "
+                   "(only train.threads may change)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:
-    from sparsesr.train import load_config, train
+    from sparsesr.train import load_config, resume_config, train
 
-    config = load_config(args.config, args.overrides)
+    if args.resume:  # the run's own config.json, checked against any -c/--set given
+        config = resume_config(args.out, args.config, args.overrides)
+    else:
+        config = load_config(args.config, args.overrides)
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
     val = f", validation PSNR {result.val_psnr:.2f} dB / SSIM {result.val_ssim:.4f}" if result.val_psnr else ""
     print(f"trained {result.steps} steps in {result.seconds:.0f} s{val}; model: {result.model_path}")
@@ -85,13 +92,20 @@ def _add_prune(sub) -> None:
         "it with exact zeros. Fine-tune it afterwards with `sparsesr train --set model.init=OUT` and a "
         "[prune] method = \"magnitude\" section to keep the mask fixed.",
     )
-    p.add_argument("checkpoint", help="a sparsesr, EDSR-PyTorch or BasicSR checkpoint")
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of prunable weights set to zero, e.g. 0.9")
-    p.add_argument("--granularity", default="1x1", help="1x1 (unstructured), 4x1, 8x1 (output-channel blocks) or 1x4")
+    p.add_argument("checkpoint", help="a sparsesr or EDSR-PyTorch checkpoint, an exported file, or an "
+                   "embedded model (x2, x4, fast; an existing file of that name wins)")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="fraction of prunable weights set to zero, in [0, 1), e.g. 0.9")
+    # The same as sparsesr.train.oneshot.GRANULARITIES (a test checks), written out so that
+    # building the parser imports no training code.
+    p.add_argument("--granularity", default="1x1", choices=("1x1", "4x1", "8x1", "1x4"),
+                   help="1x1 (unstructured), 4x1, 8x1 (output-channel blocks) or 1x4")
     p.add_argument("--balance", default="global", choices=("global", "layer_normalized", "uniform"),
                    help="how sparsity is spread over layers (default: one global magnitude ranking)")
-    p.add_argument("--min-density", type=float, default=0.0, help="keep at least this fraction of every layer")
-    p.add_argument("-o", "--out", required=True, help="output checkpoint (.safetensors)")
+    p.add_argument("--min-density", type=float, default=0.0,
+                   help="keep at least this fraction of every layer, in [0, 1] (default: 0)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output checkpoint file (.safetensors); a folder, or a path ending in '/', is an error")
     p.set_defaults(func=_run_prune)
 
 
@@ -108,14 +122,17 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a checkpoint as a compressed sparse model file",
-        description="Convert a checkpoint (sparsesr, EDSR-PyTorch or BasicSR) into the compressed safetensors "
+        description="Convert a checkpoint (sparsesr or EDSR-PyTorch key names) into the compressed safetensors "
         "format of docs/format.md: each conv stored dense, CSR or block-sparse (BSR).",
     )
-    p.add_argument("checkpoint", help="the checkpoint to export")
-    p.add_argument("-o", "--out", required=True, help="output file (.safetensors)")
+    p.add_argument("checkpoint", help="the checkpoint to export: a checkpoint file, an exported file (re-exported, "
+                   "e.g. to another --dtype), or an embedded model (x2, x4, fast; an existing file of that name wins)")
+    p.add_argument("-o", "--out", required=True,
+                   help="output file (.safetensors); a folder, or a path ending in '/', is an error")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"), help="storage type of conv weights")
     p.add_argument("--layout", default="auto", choices=("auto", "csr", "bsr", "dense"),
-                   help="auto: sparse only where the sparse kernel is expected to be faster")
+                   help="auto: per layer from its zeros alone (bsr for block-pruned layers >= 30%% sparse, csr "
+                   "for others >= 60%% sparse, else dense; docs/format.md), so every machine writes the same file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_run_export)
 
@@ -145,9 +162,9 @@ def _add_info(sub) -> None:
 
 def _run_info(args) -> int:
     from sparsesr.inspect import describe_model_file
-    from sparsesr.pretrained import EMBEDDED_MODELS, resolve_model
+    from sparsesr.pretrained import resolve_model
 
-    path = str(resolve_model(args.file)) if args.file in EMBEDDED_MODELS else args.file
+    path = str(resolve_model(args.file))
     info = describe_model_file(path)
     if args.runtime:
         import torch
@@ -194,37 +211,81 @@ def _add_upscale(sub) -> None:
     p = sub.add_parser(
         "upscale",
         help="upscale images (files, folders, globs) with a sparse model",
-        description="Upscale PNG, JPEG, WebP, BMP and TIFF images. Keeps alpha, grayscale, 16-bit depth, "
-        "ICC profile and EXIF; tiles large images with feathered overlaps; never overwrites inputs. "
-        "Under `torchrun --nproc_per_node N` the inputs are split across the ranks.",
+        description="Upscale PNG, JPEG, WebP, BMP, TIFF and GIF images (of an animated file, the first "
+        "frame; GIF is written as PNG). Keeps alpha, grayscale, 16-bit depth, ICC profile and EXIF; tiles "
+        "large images with feathered overlaps; never overwrites inputs, and never replaces an existing "
+        "output without --overwrite. Options and the output location are checked before the model "
+        "loads. Under `torchrun --nproc_per_node N` the inputs are split across the ranks. Exit code: "
+        "0 done, 1 some images failed (one line each), 2 a problem with the command.",
     )
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
-    p.add_argument("-o", "--output", help="output folder, or a file name when there is one input "
-                   "(default: next to each input)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="image files, folders or glob patterns (folders and globs skip earlier outputs "
+                   "such as photo_x2.png next to photo.png, hidden files and temporary files)")
+    p.add_argument("-o", "--output",
+                   help="an existing folder, or a name ending in / (a folder, created if missing); or a file "
+                   "name with an image extension (.png .jpg .jpeg .webp .tif .tiff .bmp), for one input. Any "
+                   "other name (no extension, .gif, ...) is an error (default: next to each input)")
     p.add_argument("-m", "--model", help="embedded model (x2, x4, fast; see `sparsesr models`), an exported "
                    "file or a checkpoint (default: the embedded model for --scale)")
-    p.add_argument("-s", "--scale", help="output scale, any number; the model runs at its own scale and the "
-                   "result is resized (default: the model's own, 2 without --model)")
+    p.add_argument("-s", "--scale", help="output scale, any number in (0, 16]; the model runs at its own scale "
+                   "and the result is resized (default: the model's own, 2 without --model)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="compute type (auto: fp32 on CPU, fp16 on CUDA; falls back to fp32 where unsupported)")
     p.add_argument("--backend", default="auto", choices=("auto", "sparse", "dense"),
-                   help="sparse kernels where faster (auto/sparse) or dense convolutions")
-    p.add_argument("--tile", type=int, default=0, help="tile size in input pixels (0: automatic from free memory)")
+                   help="auto or sparse (the same): each layer takes the sparse kernel where it is measured "
+                   "faster at the image's size, else dense; dense: dense convolutions only. The final "
+                   "line says which paths ran, and why dense where it did")
+    p.add_argument("--tile", type=int, default=0,
+                   help="tile size in input pixels: 0 (automatic from free memory, the default) or at least 16")
     p.add_argument("--tile-pad", type=int, default=16, help="overlap between tiles, in input pixels (default: 16)")
     p.add_argument("--alpha", default="bicubic", choices=("bicubic", "model"),
                    help="how the alpha channel is upscaled (default: bicubic)")
-    p.add_argument("--suffix", help="added to each output's name (default: _x{scale}, e.g. photo_x2.png)")
+    p.add_argument("--suffix", help="added to each output's name; {scale} is replaced, a leading - is fine, "
+                   "no / (default: _x{scale}, e.g. photo_x2.png)")
     p.add_argument("--ext", default="auto", choices=("auto", "png", "jpg", "webp", "tiff"),
-                   help="output format (auto: the input's own)")
-    p.add_argument("--quality", type=int, default=95, help="JPEG / lossy WebP quality (default: 95)")
+                   help="output format (auto: the input's own; PNG for GIF, and for BMP with alpha). "
+                   "With -o FILE it must agree with FILE's extension")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality, 1-100 (default: 95; PNG, TIFF and WebP are written lossless)")
     p.add_argument("-r", "--recursive", action="store_true", help="walk folders recursively, mirroring the tree under -o")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    p.add_argument("--skip-existing", action="store_true", help="leave existing outputs alone (resume a batch)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="leave existing outputs alone (resume a batch); not with --overwrite")
     p.add_argument("--compare-dense", action="store_true",
                    help="also time the images with dense convolutions and print both model times")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_upscale)
+    _take_dash_values(p, ("--suffix",))
+
+
+def _take_dash_values(parser: argparse.ArgumentParser, options: tuple[str, ...]) -> None:
+    """Let ``options`` take a value starting with "-" (``--suffix -up{scale}x``), which argparse
+    reads as an unknown option. Such a pair is joined into ``--suffix=-up{scale}x`` before parsing,
+    unless the value is (an abbreviation of) one of the parser's options: ``--suffix -q`` stays the
+    error "expected one argument"."""
+    parse_known_args = parser.parse_known_args
+
+    def is_option(arg: str) -> bool:
+        name = arg.split("=", 1)[0]
+        strings = parser._option_string_actions  # argparse's own table of this parser's options
+        return name in strings or (name.startswith("--") and any(s.startswith(name) for s in strings))
+
+    def joined(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        out, i = [], 0
+        while i < len(args):
+            if args[i] == "--":  # everything after it is positional already
+                out.extend(args[i:])
+                break
+            if args[i] in options and i + 1 < len(args) and args[i + 1].startswith("-") and not is_option(args[i + 1]):
+                out.append(f"{args[i]}={args[i + 1]}")
+                i += 2
+                continue
+            out.append(args[i])
+            i += 1
+        return parse_known_args(out, namespace)
+
+    parser.parse_known_args = joined
 
 
 def _run_upscale(args) -> int:
@@ -291,6 +352,10 @@ def _add_bench(sub) -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed rounds of each (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default: 1)")
     p.add_argument("--per-layer", action="store_true", help="also time every conv layer dense vs its path")
+    p.add_argument("--peers", action="store_true",
+                   help="instead, time the same weights on every installed CPU engine: sparsesr, PyTorch eager, "
+                   "ONNX Runtime, OpenVINO (f32 and its default precision) and DeepSparse, in alternating rounds "
+                   "after checking their outputs agree (tools/install_peers.sh installs them)")
     p.add_argument("--json", action="store_true", help="print the result as JSON (top-level key `speedup`)")
     p.set_defaults(func=_run_bench)
 
@@ -300,6 +365,15 @@ def _run_bench(args) -> int:
 
     from sparsesr.benchmark import benchmark_model, format_result
 
+    if args.peers:
+        from sparsesr.peers import compare_engines, format_comparison
+
+        if args.device not in ("auto", "cpu") or args.backend != "auto" or args.per_layer:
+            raise SparseSRError("--peers compares CPU engines: it takes no --device, --backend or --per-layer")
+        result = compare_engines(args.model, size=args.size, threads=args.threads, repeats=args.repeats,
+                                 warmup=args.warmup)
+        print(json.dumps(result, indent=2) if args.json else format_comparison(result))
+        return 0
     result = benchmark_model(args.model, size=args.size, threads=args.threads, device=args.device,
                              backend=args.backend, repeats=args.repeats, warmup=args.warmup,
                              per_layer=args.per_layer)
@@ -313,8 +387,16 @@ def _run_bench(args) -> int:
 _SUBCOMMANDS: list = []  # filled at the bottom of the file, in the order --help lists them
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (``sparsesr prune: error: ... (see --help)``), like
+    every other user error of the command; subcommand parsers inherit the class."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="sparsesr",
         description="Train, prune, export and run sparse super-resolution networks.",
     )

@@ -32,3 +32,24 @@ class SparseFormatError(SparseSRError):
 
 class BackendError(SparseSRError):
     """A compute backend or device was requested that cannot run here."""
+
+
+class TrainingError(SparseSRError):
+    """Training cannot go on: the loss or the weights became non-finite, or a run's log is damaged."""
+
+
+class ModelNotFoundError(SparseSRError):
+    """A model was named that is neither an existing file nor an embedded model."""
+
+
+class OutputPathError(SparseSRError):
+    """An output path names a folder (or ends in a separator) where a file is expected."""
+
+
+class NotEnoughMemoryError(SparseSRError):
+    """An image needs more memory than there is, even with the smallest tiles."""
+
+
+class UsageError(SparseSRError):
+    """Options that conflict or are out of range, or an output location that cannot be used:
+    found before any work is done."""

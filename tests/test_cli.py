@@ -106,7 +106,7 @@ def _run(*args):
     "args, needle",
     [
         (["eval", "--data", "/nonexistent/folder"], "/nonexistent/folder"),
-        (["train", "-o", "OUT", "--set", "model.arch=srgan"], "unknown model preset"),
+        (["train", "-o", "OUT", "--set", "model.arch=srgan"], "model.arch: expected one of edsr"),
         (["train", "-o", "OUT", "--set", "train.itrations=5"], "unknown key"),
         (["info", "/nonexistent.safetensors"], "/nonexistent.safetensors"),
         (["eval", "--model", "/nonexistent.pt", "--data", "."], "/nonexistent.pt"),
@@ -127,3 +127,33 @@ def test_corrupt_image_is_one_line(tmp_path):
     proc = _run("eval", "--data", str(folder), "-q")
     assert proc.returncode == 2
     assert "broken.png" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def _upscale_in(folder, *args):
+    return subprocess.run([sys.executable, "-m", "sparsesr", "upscale", "-q", *args], capture_output=True,
+                          text=True, timeout=300, cwd=folder)
+
+
+@pytest.mark.parametrize("args, line", [
+    (["-o", "big.gif"], "sparsesr upscale: error: -o big.gif: cannot write .gif files; give one of .bmp, .jpeg, "
+                        ".jpg, .png, .tif, .tiff, .webp, or end a folder name with /"),
+    (["--overwrite", "--skip-existing", "--quality", "150"],
+     "sparsesr upscale: error: --overwrite and --skip-existing cannot be used together"),
+])
+def test_upscale_usage_errors_are_one_line_and_leave_nothing(tmp_path, args, line):
+    Image.fromarray(np.zeros((10, 12, 3), np.uint8)).save(tmp_path / "a.png")
+    proc = _upscale_in(tmp_path, "a.png", *args)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [line]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]
+
+
+def test_upscale_end_to_end_with_the_shipped_model(tmp_path):
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (10, 12, 4), dtype=np.uint8), "RGBA").save(tmp_path / "a.png")
+    proc = _upscale_in(tmp_path, "a.png", "-o", "big/", "--suffix", "-up{scale}x")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == "" and proc.stdout.startswith("1 of 1 images written in ")
+    with Image.open(tmp_path / "big" / "a-up2x.png") as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGBA", (24, 20))
+    assert sorted(p.name for p in (tmp_path / "big").iterdir()) == ["a-up2x.png"]

@@ -1,5 +1,9 @@
 """``sparsesr upscale``: the CLI on generated files, image fidelity, errors, the Python API, sharding."""
+import errno
+import os
 import shutil
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,24 +19,27 @@ from sparsesr.format import export
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
+import sparsesr.upscaling as upscaling
 from sparsesr.upscaling import Upscaler, fill_transparent, upscale_files
 
 
 @pytest.fixture(scope="module")
 def model_files(tmp_path_factory):
-    """A tiny random x2 model as a checkpoint and as an exported file."""
+    """Tiny random x2 and x4 models as checkpoints and as exported files."""
     folder = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     save_checkpoint(folder / "tiny.safetensors", build_model("edsr-cpu", 2, n_resblocks=1, n_feats=8))
     export(folder / "tiny.safetensors", folder / "tiny.sparsesr.safetensors")
+    save_checkpoint(folder / "tiny4.safetensors", build_model("edsr-cpu", 4, n_resblocks=1, n_feats=8))
+    export(folder / "tiny4.safetensors", folder / "tiny4.sparsesr.safetensors")
     return folder
 
 
 @pytest.fixture(autouse=True)
-def embedded(model_files, tmp_path, monkeypatch):
-    """Point the registry at a folder holding the tiny model as ``x2`` and ``fast`` (no ``x4``)."""
-    folder = tmp_path / "embedded"
-    folder.mkdir()
+def embedded(model_files, tmp_path_factory, monkeypatch):
+    """Point the registry at a folder holding the tiny model as ``x2`` and ``fast`` (no ``x4``);
+    outside ``tmp_path``, which tests compare before and after a run."""
+    folder = tmp_path_factory.mktemp("embedded")
     for name in ("x2", "fast"):
         shutil.copy(model_files / "tiny.sparsesr.safetensors", folder / EMBEDDED_MODELS[name].filename)
     monkeypatch.setenv("SPARSESR_MODEL_DIR", str(folder))
@@ -52,6 +59,36 @@ def _save(path, mode="RGB", size=(24, 20), seed=0, **params):
 
 def _run(*args) -> int:
     return main(["upscale", "-q", *map(str, args)])
+
+
+def _one_error_line(capsys) -> str:
+    """The one line the command printed on stderr (there must be exactly one)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _files(root) -> set:
+    """Every file and folder under ``root``, relative to it."""
+    return {p.relative_to(root) for p in root.rglob("*")}
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model is even loaded: for problems that must be found before any work."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(upscaling.Upscaler, "__init__", refuse)
+
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if the model runs (it may load: naming outputs needs the model's scale)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model ran")
+
+    monkeypatch.setattr(upscaling.Upscaler, "run_rgb", refuse)
 
 
 # --- modes, bit depth, metadata ---------------------------------------------------------------
@@ -149,9 +186,9 @@ def test_output_naming(tmp_path):
     assert (tmp_path / "a_big.jpg").is_file()
     assert _run(source, "-o", tmp_path / "named.webp") == 0
     assert read_image(tmp_path / "named.webp").size == (40, 48)
-    assert _run(source, "-o", tmp_path / "outdir") == 0
+    assert _run(source, "-o", f"{tmp_path / 'outdir'}/") == 0  # a new folder: named with a trailing /
     assert (tmp_path / "outdir" / "a_x2.png").is_file()
-    assert _run(source, "--scale", "2.5", "-o", tmp_path / "outdir") == 0
+    assert _run(source, "--scale", "2.5", "-o", tmp_path / "outdir") == 0  # an existing folder: no / needed
     assert read_image(tmp_path / "outdir" / "a_x2.5.png").size == (50, 60)
 
 
@@ -197,19 +234,25 @@ def test_a_corrupt_file_does_not_stop_the_batch(tmp_path, capsys):
     assert (tmp_path / "a_x2.png").is_file() and (tmp_path / "c_x2.jpg").is_file()
 
 
-def test_an_unwritable_output_is_reported(tmp_path, capsys):
-    _save(tmp_path / "a.png")
-    (tmp_path / "blocker").write_text("a file, not a folder")
-    assert _run(tmp_path / "a.png", "-o", tmp_path / "blocker" / "out") == 1
-    err = capsys.readouterr().err
-    assert "a.png" in err and "Traceback" not in err
+def test_an_output_folder_that_cannot_be_created_mid_batch_names_the_output(tmp_path, capsys):
+    # -r mirrors sub-folders under -o; one of them is blocked by a file: that image fails, naming
+    # the output it could not write (not the input), and the others are written.
+    _tree(tmp_path / "in")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "sub").write_text("a file, not a folder")
+    assert _run(tmp_path / "in", "-r", "-o", tmp_path / "out") == 1
+    err = _one_error_line(capsys)
+    assert err == (f"{tmp_path / 'in' / 'sub' / 'c.png'}: cannot write image {tmp_path / 'out' / 'sub' / 'c_x2.png'}: "
+                   f"{tmp_path / 'out' / 'sub'} is not a folder")
+    assert (tmp_path / "out" / "sub").read_text() == "a file, not a folder"
+    assert read_image(tmp_path / "out" / "a_x2.png").size == (40, 48)
 
 
 def test_missing_embedded_model_is_one_clear_line(tmp_path, capsys):
     _save(tmp_path / "a.png")
     assert main(["upscale", str(tmp_path / "a.png"), "--model", "x4"]) == 2
     err = capsys.readouterr().err
-    assert "no embedded x4 model in this installation" in err and "--model PATH" in err
+    assert "no embedded x4 model in this installation" in err and "name a model file instead" in err
     with pytest.raises(SparseSRError, match="no such file"):
         resolve_model("nonexistent.safetensors")
 
@@ -233,11 +276,11 @@ def _tree(root):
 
 def test_folders_globs_and_recursion(tmp_path):
     _tree(tmp_path / "in")
-    assert _run(tmp_path / "in", "-o", tmp_path / "flat") == 0
+    assert _run(tmp_path / "in", "-o", f"{tmp_path / 'flat'}/") == 0
     assert sorted(p.name for p in (tmp_path / "flat").iterdir()) == ["a_x2.png", "b_x2.jpg"]
-    assert _run(tmp_path / "in", "-r", "-o", tmp_path / "tree") == 0
+    assert _run(tmp_path / "in", "-r", "-o", f"{tmp_path / 'tree'}/") == 0
     assert (tmp_path / "tree" / "sub" / "c_x2.png").is_file() and (tmp_path / "tree" / "a_x2.png").is_file()
-    assert _run(str(tmp_path / "in" / "*.png"), "-o", tmp_path / "globbed") == 0
+    assert _run(str(tmp_path / "in" / "*.png"), "-o", f"{tmp_path / 'globbed'}/") == 0
     assert [p.name for p in (tmp_path / "globbed").iterdir()] == ["a_x2.png"]
     # next to the inputs; a second run over the folder does not upscale the outputs again
     assert _run(tmp_path / "in", "--skip-existing") == 0
@@ -251,7 +294,7 @@ def test_torchrun_ranks_share_the_inputs(tmp_path, monkeypatch):
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        result = upscale_files(sources, tmp_path / f"rank{rank}", quiet=True)
+        result = upscale_files(sources, f"{tmp_path / f'rank{rank}'}/", quiet=True)
         assert result.ok and result.world_size == 2
         written[rank] = sorted(p.name for p in result.written)
     assert written == {0: ["0_x2.png", "2_x2.png"], 1: ["1_x2.png"]}
@@ -269,7 +312,8 @@ def test_tiled_run_matches_the_untiled_one(tmp_path):
 
 
 def test_half_precision_falls_back_on_non_finite_values(monkeypatch):
-    upscaler = Upscaler(precision="bf16", warn=warnings_seen.append)
+    upscaler = Upscaler(warn=warnings_seen.append)
+    upscaler.dtype = torch.bfloat16  # as on a CPU with a fast bf16 path (else bf16 is run as fp32)
     real = upscaler._network
 
     def broken():
@@ -385,3 +429,388 @@ def test_shipped_models_are_as_sparse_as_promised():
         summary = read_file(path).summary()
         assert summary["sparsity"] >= floors[name] and summary["scale"] == entry.scale, name
     assert (shipped / EMBEDDED_MODELS["x2"].filename).is_file() and (shipped / EMBEDDED_MODELS["fast"].filename).is_file()
+
+
+# --- issue #15: everything checked before the model runs ----------------------------------------
+
+
+@pytest.mark.parametrize("output, wrong", [
+    ("/proc/nudir/", "/proc/nudir"),  # cannot be created, even by root
+    ("{tmp}/blocker/out/", "{tmp}/blocker"),  # a file where a folder is needed
+    ("{tmp}/blocker/out.png", "{tmp}/blocker"),
+])
+def test_an_unusable_output_location_is_refused_before_any_work(tmp_path, capsys, no_model, output, wrong):
+    source = _save(tmp_path / "a.png")
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    before = _files(tmp_path)
+    assert _run(source, "-o", output.format(tmp=tmp_path)) == 2
+    line = _one_error_line(capsys)
+    head = f"sparsesr upscale: error: -o {output.format(tmp=tmp_path)}: "
+    assert line.startswith(head)
+    assert wrong.format(tmp=tmp_path) in line.removeprefix(head)  # says which path is wrong...
+    assert "a.png" not in line  # ...not the input's name
+    assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("output, needle", [
+    ("big.gif", "-o big.gif: cannot write .gif files; give one of .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp"),
+    ("out.XYZ", "-o out.XYZ: cannot write .xyz files; give one of .bmp, .jpeg"),
+    ("noext", "-o noext: give a file name with an image extension, or end a folder name with /"),
+])
+def test_an_output_that_is_neither_an_image_file_nor_a_folder_is_refused(tmp_path, capsys, monkeypatch, no_model,
+                                                                           output, needle):
+    monkeypatch.chdir(tmp_path)
+    _save(tmp_path / "a.png")
+    assert _run("a.png", "-o", output) == 2
+    assert needle in _one_error_line(capsys)
+    assert _files(tmp_path) == {Path("a.png")}  # no folder called big.gif, no file either
+
+
+def test_the_output_path_rule(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _save(tmp_path / "a.png")
+    (tmp_path / "have").mkdir()
+    assert _run("a.png", "-o", "new/deeper/") == 0  # ends with /: a folder, created
+    assert _run("a.png", "-o", "have") == 0  # an existing folder: no / needed
+    assert _run("a.png", "-o", "named.PNG") == 0  # an image extension: a file
+    assert _run("a.png", "-o", "named.jpeg", "--ext", "jpg") == 0  # --ext agreeing with the name
+    for path, fmt in [("new/deeper/a_x2.png", "PNG"), ("have/a_x2.png", "PNG"), ("named.PNG", "PNG"),
+                      ("named.jpeg", "JPEG")]:
+        with PILImage.open(tmp_path / path) as im:
+            assert (im.format, im.size, im.mode) == (fmt, (48, 40), "RGB"), path
+
+
+def test_a_file_output_for_several_images_is_refused(tmp_path, capsys, no_run):
+    _save(tmp_path / "a.png")
+    _save(tmp_path / "b.png", seed=1)
+    assert _run(tmp_path / "a.png", tmp_path / "b.png", "-o", tmp_path / "out.png") == 2
+    assert f"-o {tmp_path / 'out.png'} is a file name, but 2 images were given" in _one_error_line(capsys)
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--overwrite", "--skip-existing"], "--overwrite and --skip-existing cannot be used together"),
+    (["-o", "x.jpg", "--ext", "png"], "-o x.jpg is a .jpg file but --ext png asks for .png"),
+    (["--quality", "150"], "--quality must be an integer from 1 to 100, got 150"),
+    (["--quality", "-3"], "--quality must be an integer from 1 to 100, got -3"),
+    (["--quality", "0"], "--quality must be an integer from 1 to 100, got 0"),
+    (["--scale", "0"], "--scale must be in (0, 16], got 0"),
+    (["--scale", "-2"], "--scale must be in (0, 16], got -2"),
+    (["--scale", "nan"], "--scale must be in (0, 16], got nan"),
+    (["--scale", "inf"], "--scale must be in (0, 16], got inf"),
+    (["--scale", "two"], "--scale must be a number, got 'two'"),
+    (["--tile", "-5"], "--tile and --tile-pad must be >= 0, got -5 and 16"),
+    (["--tile-pad", "-1"], "--tile and --tile-pad must be >= 0, got 0 and -1"),
+    (["--tile", "8"], "--tile must be 0 (automatic) or at least 16, got 8"),
+    (["--suffix", "/x"], "--suffix must not contain a path separator, got '/x'"),
+])
+def test_invalid_or_conflicting_options_are_refused(tmp_path, capsys, monkeypatch, no_model, args, needle):
+    monkeypatch.chdir(tmp_path)
+    _save(tmp_path / "a.png")
+    assert _run("a.png", *args) == 2
+    line = _one_error_line(capsys)
+    assert line == f"sparsesr upscale: error: {needle}" or (line.startswith("sparsesr upscale: error: ")
+                                                           and needle in line)
+    assert _files(tmp_path) == {Path("a.png")}
+
+
+def test_options_are_checked_by_the_python_api_too(tmp_path, no_model):
+    source = _save(tmp_path / "a.png")
+    with pytest.raises(SparseSRError, match="--quality must be an integer from 1 to 100"):
+        upscale_files([source], quality=True)  # a bool is not a quality
+    with pytest.raises(SparseSRError, match="--ext must be auto or one of"):
+        upscale_files([source], ext="gif")
+
+
+# --- GIF and animated inputs ------------------------------------------------------------------
+
+
+def _palette_image(size=(12, 10), frames=1):
+    """A palette image with a transparent index 0 (and ``frames`` different frames)."""
+    rng = np.random.default_rng(3)
+    palette = [0, 0, 0] + list(rng.integers(0, 256, 255 * 3))
+    out = []
+    for _ in range(frames):
+        im = PILImage.fromarray(rng.integers(0, 8, (size[1], size[0]), dtype=np.uint8), "P")
+        im.putpalette(palette)
+        im.info["transparency"] = 0
+        out.append(im)
+    return out
+
+
+def test_a_gif_input_is_written_as_png(tmp_path, capsys):
+    _palette_image()[0].save(tmp_path / "a.gif", transparency=0)
+    assert _run(tmp_path / "a.gif") == 0
+    assert capsys.readouterr().err == ""
+    with PILImage.open(tmp_path / "a_x2.png") as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGBA", (24, 20))
+    assert not (tmp_path / "a_x2.gif").exists()
+
+
+@pytest.mark.parametrize("name, output, fmt", [("anim.gif", "anim_x2.png", "PNG"), ("anim.webp", "anim_x2.webp", "WEBP"),
+                                                ("anim.png", "anim_x2.png", "PNG")])
+def test_an_animated_input_warns_once_and_gives_a_still_image(tmp_path, capsys, monkeypatch, name, output, fmt):
+    first, *rest = _palette_image(frames=3)
+    first.save(tmp_path / name, save_all=True, append_images=rest, duration=100, loop=0)
+    with PILImage.open(tmp_path / name) as im:
+        assert im.n_frames == 3
+    order = []
+    real = upscaling.Upscaler.upscale_image
+    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", lambda self, *a, **k: order.append("model") or real(self, *a, **k))
+    assert main(["upscale", "-q", str(tmp_path / name)]) == 0
+    line = _one_error_line(capsys)
+    assert line == f"warning: {tmp_path / name} has 3 frames; only the first is upscaled"
+    assert order == ["model"]  # one model run: the first frame only
+    with PILImage.open(tmp_path / output) as im:
+        assert im.format == fmt and getattr(im, "n_frames", 1) == 1 and im.size == (24, 20)
+
+
+# --- inputs: earlier outputs, temp files, sharding ----------------------------------------------
+
+
+def test_globs_skip_earlier_outputs_but_named_files_are_taken(tmp_path):
+    _save(tmp_path / "baby.png")
+    _save(tmp_path / "baby_x2.png", size=(48, 40))  # an earlier run's output
+    assert _run(str(tmp_path / "*.png"), "--overwrite") == 0
+    assert not (tmp_path / "baby_x2_x2.png").exists()
+    assert read_image(tmp_path / "baby_x2.png").size == (40, 48)  # rewritten from baby.png
+    assert _run(tmp_path / "baby_x2.png") == 0  # named on its own: the user means it
+    assert read_image(tmp_path / "baby_x2_x2.png").size == (80, 96)
+
+
+def test_sharded_runs_protect_every_input_not_only_their_own(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "s5"
+    folder.mkdir()
+    _save(folder / "a.png")
+    before = _save(folder / "a_x2.png", seed=7).read_bytes()  # an input of rank 1, the output of rank 0's a.png
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert _run(folder / "a.png", folder / "a_x2.png", "--overwrite") == 1
+    assert (folder / "a_x2.png").read_bytes() == before
+    assert f"{folder / 'a.png'}: output {folder / 'a_x2.png'} would overwrite an input" in capsys.readouterr().err
+
+
+def _leftover(folder, name, age_s):
+    """A temp file as a killed run leaves it (a whole image inside), ``age_s`` seconds old."""
+    path = _save(folder / name, format="PNG")
+    os.utime(path, (time.time() - age_s, time.time() - age_s))
+    return path
+
+
+def test_temp_files_are_not_taken_for_inputs(tmp_path, capsys):
+    _save(tmp_path / "mid.png")
+    _leftover(tmp_path, ".mid_x2.png.0e277fbc.tmp.png", 10)  # the scheme of earlier versions
+    _leftover(tmp_path, ".mid_x2.png.1234abcd.sparsesr-tmp", 10)  # today's (sparsesr.fileio)
+    assert _run(tmp_path) == 0  # the folder
+    assert _run(str(tmp_path / ".*"), "--skip-existing") == 1  # a glob for hidden files: finds none of ours
+    assert "no such file, folder or matching images" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["mid.png", "mid_x2.png"]
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".")]) == 2  # fresh: maybe another run's
+
+
+def test_stale_temp_files_in_the_output_folder_are_removed(tmp_path):
+    _save(tmp_path / "a.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [_leftover(out, ".b_x2.png.0123abcd.sparsesr-tmp", 7200),
+             _leftover(out, ".b_x2.png.0123abcd.tmp.png", 7200)]
+    fresh = _leftover(out, ".c_x2.png.4567cdef.sparsesr-tmp", 60)
+    assert _run(tmp_path / "a.png", "-o", out) == 0
+    assert not any(p.exists() for p in stale) and fresh.exists()
+    assert (out / "a_x2.png").is_file()
+
+
+# --- concurrent runs ---------------------------------------------------------------------------
+
+
+def _another_run_writes(monkeypatch, target, data=b"the other run's output"):
+    """While this run computes, another one writes ``target``."""
+    real = upscaling.Upscaler.upscale_image
+
+    def racing(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        target.write_bytes(data)
+        return out
+
+    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", racing)
+
+
+@pytest.mark.parametrize("links", [True, False])
+def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path, capsys, monkeypatch, links):
+    if not links:  # a file system without hard links (FAT, some network shares): O_EXCL reserves
+        def no_link(*args, **kwargs):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    _save(tmp_path / "a.png")
+    _another_run_writes(monkeypatch, tmp_path / "a_x2.png")
+    assert _run(tmp_path / "a.png") == 0
+    captured = capsys.readouterr()
+    assert (tmp_path / "a_x2.png").read_bytes() == b"the other run's output"
+    assert captured.err.strip() == f"{tmp_path / 'a.png'}: output {tmp_path / 'a_x2.png'} appeared meanwhile; skipped"
+    assert "0 of 1 images written; 1 skipped" in captured.out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_x2.png"]  # no temp file left
+
+
+def test_without_hard_links_outputs_are_still_written(tmp_path, monkeypatch):
+    def no_link(*args, **kwargs):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "link", no_link)
+    _save(tmp_path / "a.png")
+    assert _run(tmp_path / "a.png") == 0
+    assert read_image(tmp_path / "a_x2.png").size == (40, 48)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "a_x2.png"]
+
+
+def test_overwrite_replaces_an_output_that_appears_meanwhile(tmp_path, monkeypatch):
+    _save(tmp_path / "a.png")
+    _another_run_writes(monkeypatch, tmp_path / "a_x2.png")
+    assert _run(tmp_path / "a.png", "--overwrite") == 0
+    assert read_image(tmp_path / "a_x2.png").size == (40, 48)
+
+
+# --- Python API ---------------------------------------------------------------------------------
+
+
+def test_api_palette_image_with_transparency_keeps_alpha():
+    im = _palette_image()[0]
+    out = sparsesr.upscale(im)
+    assert out.mode == "RGBA" and out.size == (24, 20)
+    transparent = np.asarray(im) == 0
+    alpha = np.asarray(out)[:, :, 3]
+    assert alpha[::2, ::2][transparent].max() < 255 and alpha[::2, ::2][~transparent].min() > 0
+
+
+@pytest.mark.parametrize("api", ["sparsesr.upscale", "sparsesr.upscaling.upscale"])
+def test_api_scale_defaults_to_the_models_own(embedded, model_files, api):
+    shutil.copy(model_files / "tiny4.sparsesr.safetensors", embedded / EMBEDDED_MODELS["x4"].filename)
+    fn = sparsesr.upscale if api == "sparsesr.upscale" else upscaling.upscale
+    x = torch.rand(3, 5, 6)
+    assert fn(x, model="x4").shape == (3, 20, 24)
+    assert fn(x, model=model_files / "tiny4.sparsesr.safetensors").shape == (3, 20, 24)
+    assert fn(x).shape == (3, 10, 12)  # no model: the default x2
+    assert fn(x, model="x4", scale=2).shape == (3, 10, 12)
+
+
+# --- small ones -----------------------------------------------------------------------------------
+
+
+def test_a_suffix_may_start_with_a_dash(tmp_path, capsys):
+    from sparsesr.cli import build_parser
+
+    args = build_parser().parse_args(["upscale", "a.png", "--suffix", "-up{scale}x", "-q"])
+    assert args.suffix == "-up{scale}x" and args.quiet and args.inputs == ["a.png"]
+    _save(tmp_path / "a.png")
+    assert _run(tmp_path / "a.png", "--suffix", "-up{scale}x") == 0
+    assert read_image(tmp_path / "a-up2x.png").size == (40, 48)
+    with pytest.raises(SystemExit) as exit_info:  # an option where the value should be stays an error
+        main(["upscale", str(tmp_path / "a.png"), "--suffix", "--overwrite"])
+    assert exit_info.value.code == 2
+    assert "argument --suffix: expected one argument" in capsys.readouterr().err
+
+
+def test_the_summary_counts_every_run_of_every_layer(tmp_path, capsys, monkeypatch):
+    from sparsesr.runtime import backends
+
+    cpu = backends.kernel("cpu")
+    if cpu is None:
+        pytest.skip("CPU kernel not built")
+    # The kernel "wins" on inputs at least 16 rows high: the first image runs all 6 layers on it,
+    # the second (smaller, and the last to run) only the last conv (it sees the 2x upsampled rows).
+    monkeypatch.setattr(cpu, "should_use_sparse", lambda prepared, h, w: h >= 16)
+    _save(tmp_path / "big.png", size=(24, 20))
+    _save(tmp_path / "small.png", size=(12, 10))
+    assert _run(tmp_path / "big.png", tmp_path / "small.png", "--backend", "sparse") == 0
+    out = capsys.readouterr().out
+    assert "cpu kernel 6/6 layers, dense 5/6 layers on cpu" in out
+    assert "5 layers took more than one path" in out
+    assert "why dense: dense measured faster than the CPU kernel at 10x12" in out
+
+
+def test_the_summary_reports_the_half_precision_run():
+    # The default on CUDA (fp16) runs a half-precision copy of the network; on CPU bf16 is forced
+    # here as on a CPU with a fast bf16 path. Its layers are the ones that ran, not "not run".
+    upscaler = Upscaler()
+    upscaler.dtype = torch.bfloat16
+    upscaler.upscale_pixels(torch.rand(3, 8, 8))
+    assert upscaler._half_net is not None
+    summary = upscaler.backend_summary()
+    assert summary.startswith("dense 6/6 layers on cpu")
+    from sparsesr.runtime import backends
+
+    if backends.kernel("cpu") is not None:
+        assert summary.endswith("; why dense: CPU kernel computes in float32, input is bfloat16")
+
+
+def test_the_quick_start_output_is_ignored_by_git():
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run(["git", "check-ignore", "-q", "sample_x2.png"], cwd=root, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pytest.skip("git not available")
+    if proc.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert proc.returncode == 0
+
+
+# --- a pruned, exported model: the sparse layers really run -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pruned_files(tmp_path_factory):
+    """A small EDSR, 90 % of its middle conv weights set to exact zeros; the checkpoint and its CSR export."""
+    folder = tmp_path_factory.mktemp("pruned")
+    torch.manual_seed(1)
+    model = build_model("edsr-cpu", 2, n_resblocks=2, n_feats=16).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs[1:-1]:  # EDSR keeps its first and last conv dense
+        weight = conv.weight.data
+        threshold = weight.abs().flatten().kthvalue(int(0.9 * weight.numel())).values
+        weight[weight.abs() <= threshold] = 0
+    save_checkpoint(folder / "pruned.safetensors", model)
+    report = export(folder / "pruned.safetensors", folder / "pruned.sparsesr.safetensors", layout="csr").to_dict()
+    assert report["sparsity"] >= 0.89
+    return model, folder
+
+
+@pytest.fixture
+def sparse_kernel_always(monkeypatch):
+    from sparsesr.runtime import backends
+
+    cpu = backends.kernel("cpu")
+    if cpu is None:
+        pytest.skip("CPU kernel not built")
+    monkeypatch.setattr(cpu, "should_use_sparse", lambda prepared, h, w: True)
+
+
+def test_pruned_model_via_the_api_matches_the_dense_model(pruned_files, sparse_kernel_always):
+    model, folder = pruned_files
+    x = torch.rand(3, 13, 11)
+    with torch.no_grad():
+        reference = model(x[None])[0].clamp(0, 1)
+    upscaler = Upscaler(folder / "pruned.sparsesr.safetensors", backend="sparse")
+    out = sparsesr.upscale(x, model=upscaler)
+    assert (out - reference).abs().max() < 1e-4
+    paths = [row["path"] for row in upscaler.net.backend_report()["layers"]]
+    assert paths == ["cpu"] * len(paths)  # every layer, the sparse ones included, ran the kernel
+    assert [row["layout"] for row in upscaler.net.backend_report()["layers"]][1:-1] == ["csr"] * (len(paths) - 2)
+
+
+def test_pruned_model_via_the_cli_matches_the_dense_model(tmp_path, capsys, pruned_files, sparse_kernel_always):
+    model, folder = pruned_files
+    source = _save(tmp_path / "a.png", size=(17, 14))
+    for backend in ("sparse", "dense"):
+        assert _run(source, "--model", folder / "pruned.sparsesr.safetensors", "--backend", backend,
+                    "-o", tmp_path / f"{backend}.png") == 0
+        with PILImage.open(tmp_path / f"{backend}.png") as im:
+            assert im.size == (34, 28) and im.mode == "RGB"
+    summaries = capsys.readouterr().out.splitlines()
+    assert "cpu kernel 8/8 layers on cpu" in summaries[0] and "dense 8/8 layers on cpu" in summaries[1]
+    with torch.no_grad():
+        reference = model(read_image(source).pixels[None])[0].clamp(0, 1)
+    for backend in ("sparse", "dense"):
+        out = read_image(tmp_path / f"{backend}.png").pixels
+        assert (out - reference).abs().max() <= 0.5 / 255 + 1e-4, backend
