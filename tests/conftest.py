@@ -1,12 +1,22 @@
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+
+# The data set beside the checkout (../shared/data); tests that need it skip without it.
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA_SKIP = "../shared/data not available"
 
 # Triton kernels run on the CPU through its interpreter, which must be chosen before triton is
 # first imported (any test module may import it).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The CPU kernel's dispatch cache goes to a fresh folder: the suite neither reads decisions measured
+# elsewhere nor writes into the user's ~/.cache.
+os.environ.setdefault("SPARSESR_CACHE_DIR", tempfile.mkdtemp(prefix="sparsesr-test-cache-"))
 
 
 @pytest.fixture(scope="module")
@@ -18,3 +28,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say loudly when the quality tests on real data did not run: a green run without them says
+    nothing about the shipped models."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if SHARED_DATA_SKIP in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("!", f"{len(skipped)} tests on real data SKIPPED: {SHARED_DATA} not found", yellow=True)

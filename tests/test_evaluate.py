@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
+import os
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ from sparsesr.errors import ConfigError
 from sparsesr.evaluate import bicubic_upscaler, evaluate
 from sparsesr.metrics import psnr, ssim
 
-SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+from conftest import SHARED_DATA, SHARED_DATA_SKIP
 
 
 def _image(channels: int, h: int, w: int, seed: int) -> torch.Tensor:
@@ -93,7 +93,11 @@ def _check_published(scale: int, names: list[str]) -> None:
         assert abs(results[name]["ssim"] - want_ssim) <= 0.002, (name, results[name])
 
 
-needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not available")
+# CI (.ci/run) sets SPARSESR_REQUIRE_DATA=1 when ../shared/data is beside the clone, so a wrong path
+# fails there instead of skipping; elsewhere the skip is announced at the end of the run (conftest).
+if os.environ.get("SPARSESR_REQUIRE_DATA") == "1" and not SHARED_DATA.is_dir():
+    raise RuntimeError(f"SPARSESR_REQUIRE_DATA=1 but {SHARED_DATA} is not a folder")
+needs_shared_data = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=SHARED_DATA_SKIP)
 
 
 @needs_shared_data
@@ -109,9 +113,10 @@ def test_bicubic_reproduces_published_set14_bsd100(scale):
     _check_published(scale, ["Set14", "BSD100"])
 
 
-# The project's quality bars for the embedded models (issue: `sparsesr upscale`; docs/models.md):
-# PSNR(Y) on Set5 above the published bicubic value by at least this many dB.
-SHIPPED_BARS = {"x2": 3.0, "x4": 1.5, "fast": 0.0}
+# The project's quality bars for the embedded models (docs/models.md, "project bar"): PSNR(Y) on
+# Set5 above the published bicubic value by at least this many dB. `fast` trades quality for
+# speed, but must still clear bicubic by 2 dB (it measures +2.03).
+SHIPPED_BARS = {"x2": 3.0, "x4": 1.5, "fast": 2.0}
 
 
 @needs_shared_data
