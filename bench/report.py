@@ -109,6 +109,16 @@ SUITES = {  # suite: (title, sort key, columns)
         ("onnxruntime ms", _ms("dense_ms")), ("torch eager ms", _ms("torch_eager_ms")),
         ("sparse ms", _ms("sparse_ms")), ("speedup vs ORT", _x("speedup")),
     ]),
+    "peers": ("Same weights on every CPU engine (medians of alternating rounds, ms; lead = fastest peer / sparsesr)",
+              lambda r: (r["pattern"] == "shipped", r["model"], r["size"], r["pattern"], r["sparsity"]), [
+        ("model", lambda r: r["model"]), ("LR size", lambda r: f"{r['size']}²"), ("pattern", lambda r: r["pattern"]),
+        ("sparsity", _pct("sparsity")), ("sparsesr", _ms("sparsesr_ms")), ("PyTorch", _ms("pytorch_ms")),
+        ("ONNX Runtime", _ms("onnxruntime_ms")), ("OpenVINO f32", _ms("openvino_f32_ms")),
+        ("OpenVINO default", lambda r: f"{r['openvino_ms']:.2f} ({r['openvino_precision']})"),
+        ("DeepSparse", _ms("deepsparse_ms")),
+        ("vs eager", lambda r: f"{r['pytorch_ms'] / r['sparsesr_ms']:.2f}×"),
+        ("lead", lambda r: f"{r['lead']:.2f}× ({r['fastest_peer']})"),
+    ]),
     "model_cuda": ("Whole model on CUDA (Triton vs cuDNN)", lambda r: (r["arch"], r["size"], r["precision"], r["sparsity"]), [
         ("model", _model), ("LR size", lambda r: f"{r['size']}²"), ("precision", lambda r: r["precision"]),
         ("pattern", lambda r: r["pattern"]), ("sparsity", _pct("sparsity")), ("cuDNN ms", _ms("dense_ms")),
@@ -171,6 +181,13 @@ def headline(results: dict, stem: str, results_dir: str = "bench/results") -> st
         ("sparsity", _pct("sparsity")), ("PyTorch dense ms", _ms("dense_ms")), ("sparsesr ms", _ms("sparse_ms")),
         ("speedup", _x("speedup")), ("FLOP ideal", lambda r: f"{ideal_speedup(r['sparsity']):.0f}×"),
     ])
+    peers = [r for r in results["rows"] if r["suite"] == "peers"]
+    if peers:  # the engines a user could deploy the same weights on (bench/test_bench_peers.py)
+        title, key, columns = SUITES["peers"]
+        cpu = peers[0].get("cpu", cpu)
+        table += ("\n\nThe same weights on every CPU engine installed (`bench/test_bench_peers.py`; "
+                  f"{cpu}; ms, medians of alternating rounds; lead = fastest peer's time / sparsesr's, "
+                  "above 1 means sparsesr is faster):\n\n" + _table(sorted(peers, key=key), columns))
     return "\n".join([
         README_START,
         f"Measured by `bench/run.sh` on {results['machine']} ({cpu}, {threads} torch threads), {results['date']}, "
