@@ -214,8 +214,8 @@ def _add_upscale(sub) -> None:
         description="Upscale PNG, JPEG, WebP, BMP, TIFF and GIF images (of an animated file, the first "
         "frame; GIF is written as PNG). Keeps alpha, grayscale, 16-bit depth, ICC profile and EXIF; tiles "
         "large images with feathered overlaps; never overwrites inputs, and never replaces an existing "
-        "output without --overwrite. Options and the output location are checked before the model "
-        "loads. Under `torchrun --nproc_per_node N` the inputs are split across the ranks. Exit code: "
+        "output without --overwrite. Options and -o are checked before the model loads, the "
+        "output folders before any image is upscaled. Under `torchrun --nproc_per_node N` the inputs are split across the ranks. Exit code: "
         "0 done, 1 some images failed (one line each), 2 a problem with the command.",
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT",

@@ -225,7 +225,10 @@ def test_resume_accepts_the_same_values_and_a_new_thread_count(cut_run, tmp_path
         capsys.readouterr().err
     a = load_checkpoint(tmp_path / "straight" / "model.safetensors").state_dict
     b = load_checkpoint(cut_run / "model.safetensors").state_dict
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Another thread count changes the order of oneDNN's sums, so only rounding may differ (a resume
+    # from the wrong state or with another config would differ by far more).
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
 
 def test_resume_drops_the_log_records_of_the_lost_steps(cut_run, tmp_path):
