@@ -89,6 +89,24 @@ class SparseEDSR(EDSR):
         y = self.body[-1](self.body[:-1](y), residual=y)
         return self.tail(y)
 
+    # What callers (upscaling, eval, bench) need to know of any runtime model, whatever its family.
+    @property
+    def family(self) -> str:
+        return "edsr"
+
+    @property
+    def scale(self) -> int:
+        return int(self.config.scale)
+
+    @property
+    def n_colors(self) -> int:
+        return int(self.config.n_colors)
+
+    @property
+    def n_feats(self) -> int:
+        """The widest feature map's channels (memory estimates for tiling)."""
+        return int(self.config.n_feats)
+
     def sparse_convs(self) -> list[SparseConv2d]:
         return [m for m in self.modules() if isinstance(m, SparseConv2d)]
 
