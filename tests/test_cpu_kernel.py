@@ -120,6 +120,38 @@ def test_fused_epilogue(isa, block):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("block", [1, 4])
+def test_leaky_relu_and_prelu_epilogues(isa, block):
+    """negative_slope: LeakyReLU (a float) or PReLU (one slope per channel, or one shared)."""
+    weight = sparse_weight(70, 16, 3, density=0.3, block=block, seed=block)
+    x, bias = torch.randn(2, 16, 9, 19), torch.randn(70)
+    residual = torch.randn(2, 70, 9, 19)
+    prepared = cpu.prepare_dense(weight)
+    plain = reference(x, weight, bias)
+    assert_matches(cpu.conv2d(x, prepared, bias, negative_slope=0.2, isa=isa), F.leaky_relu(plain, 0.2))
+    slopes = torch.rand(70) - 0.5  # negative slopes too: PReLU learns any sign
+    assert_matches(cpu.conv2d(x, prepared, bias, negative_slope=slopes, isa=isa), F.prelu(plain, slopes))
+    assert_matches(cpu.conv2d(x, prepared, bias, negative_slope=torch.tensor([0.25]), isa=isa),
+                   F.prelu(plain, torch.tensor([0.25])))
+    out = cpu.conv2d(x, prepared, bias, negative_slope=slopes, residual=residual, res_scale=0.2, isa=isa)
+    assert_matches(out, residual + 0.2 * F.prelu(plain, slopes))
+    shuffled = cpu.conv2d(x[:, :, :5], cpu.prepare_dense(weight[:64]), bias[:64], negative_slope=0.1, shuffle=2,
+                          isa=isa)
+    assert_matches(shuffled, F.pixel_shuffle(F.leaky_relu(reference(x[:, :, :5], weight[:64], bias[:64]), 0.1), 2))
+
+
+def test_negative_slope_is_checked():
+    prepared, x = cpu.prepare_dense(sparse_weight(8, 4, 3, 0.5)), torch.randn(1, 4, 5, 5)
+    for bad, message in ((torch.ones(3), "1 or 8 slopes"), (torch.ones(8, 1), "1 or 8 slopes"),
+                         (torch.ones(8, dtype=torch.int32), "1 or 8 slopes"), ("0.2", "a float or a tensor"),
+                         (float("nan"), "finite"), (True, "a float or a tensor")):
+        with pytest.raises(ValueError, match=message):
+            cpu.conv2d(x, prepared, negative_slope=bad)
+    with pytest.raises(ValueError, match="exclusive"):
+        cpu.conv2d(x, prepared, relu=True, negative_slope=0.2)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("scale,h,w", [(2, 1, 1), (2, 7, 33), (2, 16, 16), (3, 5, 9)])
 def test_fused_pixel_shuffle(isa, block, scale, h, w):
     """shuffle=s stores F.pixel_shuffle(conv, s) directly, with every band and register-tile shape."""
@@ -329,14 +361,14 @@ def test_hand_built_prepared_conv_is_rejected_by_the_kernel_too():
 
 # ---- the extension checks its arguments ----------------------------------------------------
 
-RAW_ORDER = ("x", "out", "residual", "bias", "group_ptr", "nz_k", "nz_val", "sizes", "group", "shuffle",
+RAW_ORDER = ("x", "out", "residual", "bias", "slope", "group_ptr", "nz_k", "nz_val", "sizes", "group", "shuffle",
              "relu", "res_scale", "threads", "isa", "band_rows", "band_cols", "stream")
 
 
 def raw_call(x_: torch.Tensor, out_: torch.Tensor, prepared: cpu.PreparedConv, **changes) -> None:
     """_sparseconv.conv2d on a valid set of arguments for x_, with `changes` applied."""
     n, c_in, h, w = x_.shape
-    args = {"x": cpu._array(x_), "out": cpu._array(out_), "residual": (0, 0), "bias": (0, 0),
+    args = {"x": cpu._array(x_), "out": cpu._array(out_), "residual": (0, 0), "bias": (0, 0), "slope": (0, 0),
             "group_ptr": cpu._array(prepared.group_ptr), "nz_k": cpu._array(prepared.nz_k),
             "nz_val": cpu._array(prepared.nz_val),
             "sizes": (n, c_in, h, w, prepared.out_channels, prepared.kh, prepared.kw), "group": prepared.group,
@@ -375,6 +407,9 @@ RAW_CASES = [
      "out has 240 floats, expected n.c_out.h.w = 64424509410"),
     ("residual length", lambda s: {"residual": (ptr(s.res), 234)}, "residual has 234 floats"),
     ("bias length", lambda s: {"bias": (ptr(s.bias), 7)}, "bias has 7 floats, expected c_out = 8"),
+    ("slope length", lambda s: {"slope": (ptr(s.bias), 7)}, r"slope has 7 floats, expected 1 \(LeakyReLU\) or c_out = 8"),
+    ("slope with relu", lambda s: {"slope": (ptr(s.bias), 1), "relu": True}, "relu and a negative slope are exclusive"),
+    ("out overlaps slope", lambda s: {"slope": (ptr(s.out, 4 * 100), 8)}, "out overlaps"),
     ("group_ptr length", lambda s: {"group_ptr": (ptr(s.p.group_ptr), 8)}, "group_ptr has 8 entries, expected .* 9"),
     ("nz_val length", lambda s: {"nz_val": (ptr(s.p.nz_val), s.n_k - 1)}, "nz_val has .* values, expected 1 per entry"),
     ("nz_k length", lambda s: {"nz_k": (ptr(s.p.nz_k), s.n_k - 1)}, "nz_val has .* values, expected 1 per entry"),
@@ -566,7 +601,9 @@ def _as_words(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """t's memory as far as it fills whole 4-byte words, read as dtype (what the raw call sees)."""
     if not t.numel():
         return torch.empty(0, dtype=dtype)
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    # a fresh stride-1 copy: a 1-element tensor of stride 2 counts as contiguous, but cannot be viewed
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+    raw = flat.view(torch.uint8)
     return raw[: raw.numel() // 4 * 4].view(dtype)
 
 
@@ -615,7 +652,7 @@ def test_fuzz_corrupted_prepared_weights():
         out = torch.full((n * c_out * h * w,), float("nan"))
         try:
             cpu._sparseconv.conv2d(
-                cpu._array(x), cpu._array(out), cpu._array(residual), cpu._array(bias),
+                cpu._array(x), cpu._array(out), cpu._array(residual), cpu._array(bias), (0, 0),
                 cpu._array(words.group_ptr), cpu._array(words.nz_k), cpu._array(words.nz_val),
                 (n, c_in, h, w, words.out_channels, words.kh, words.kw), words.group, shuffle, relu, 0.5, 1,
                 cpu._ISA_CODES[isa], band_rows, 0, -1)

@@ -172,6 +172,40 @@ def test_dense_path_matches_conv2d_epilogue():
     assert conv.report()["path"] == "dense"
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+@pytest.mark.parametrize("activation", [torch.nn.ReLU(), torch.nn.LeakyReLU(0.2), torch.nn.PReLU(8),
+                                        torch.nn.PReLU(1)], ids=["relu", "leaky", "prelu", "prelu1"])
+def test_fused_activations_on_every_backend(layout, activation):
+    """fuse_activation takes ReLU / LeakyReLU / PReLU into the epilogue; every path computes it."""
+    from sparsesr.format import layouts
+    from sparsesr.format.reader import ConvLayer
+
+    torch.manual_seed(1)
+    if isinstance(activation, torch.nn.PReLU):
+        with torch.no_grad():
+            activation.weight.uniform_(-0.5, 0.5)
+    weight = torch.randn(8, 4, 3, 3) * (torch.rand(8, 1, 3, 3) < 0.5)  # 8x1 blocks share a pattern
+    if layout == "csr":
+        row_ptr, col_idx, values = layouts.dense_to_csr(weight)
+        tensors = {"row_ptr": row_ptr.int(), "col_idx": col_idx.int(), "values": values}
+    else:
+        row_ptr, col_idx, values = layouts.dense_to_bsr(weight, (4, 1))
+        tensors = {"block_row_ptr": row_ptr.int(), "block_col_idx": col_idx.int(), "block_values": values}
+    layer = ConvLayer(name="c", layout=layout, shape=(8, 4, 3, 3), dtype="fp32", sparsity=0.5, stored_bytes=0,
+                      tensors=tensors, index="absolute", block=(4, 1) if layout == "bsr" else None)
+    bias = torch.randn(8)
+    x, residual = torch.randn(2, 4, 7, 5), torch.randn(2, 8, 7, 5)
+    expected = residual + 0.5 * activation(torch.nn.functional.conv2d(x, weight, bias, padding=1)).detach()
+    for backend in ["dense"] + (["cpu"] if CPU_KERNEL else []) + (["triton"] if backends.unavailable_reason("triton") is None else []):
+        conv = SparseConv2d(layer, bias, backend=backend)
+        assert conv.fuse_activation(activation)
+        assert not conv.fuse_activation(torch.nn.ReLU())  # one activation per epilogue
+        torch.testing.assert_close(conv(x, residual=residual, res_scale=0.5), expected, atol=1e-5, rtol=1e-4)
+        assert conv.report()["path"] == backend
+    assert not SparseConv2d(layer, bias).fuse_activation(torch.nn.GELU())
+    assert not SparseConv2d(layer, bias).fuse_activation(torch.nn.PReLU(3))  # neither 1 nor C_out slopes
+
+
 def test_forcing_an_unavailable_backend_is_a_clear_error(tmp_path, monkeypatch):
     model = pruned_model(2)
     export(checkpoint_of(model), tmp_path / "m.safetensors")

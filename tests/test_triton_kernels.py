@@ -227,6 +227,34 @@ def test_5x5_kernel_and_wide_image():
                    expected, torch.float32)
 
 
+@pytest.mark.parametrize("layout", ["csr", "bsr"])
+def test_leaky_relu_and_prelu_epilogues(layout):
+    """negative_slope: a float (LeakyReLU), or 1 or C_out slopes (PReLU), with a residual."""
+    c = dict(seed=3, n=2, c_in=5, c_out=12, h=6, w=9, k=3, density=0.4,
+             index_dtype=torch.int32, bias=True, relu=False, residual=True)
+    x, weight, bias, residual = make_inputs(c, torch.float32, block=(4, 1))
+    plain = reference(x, weight, bias, False, None, 1.0)
+    k = weight.shape[-1]
+    xd, bd, rd = on_device(x, bias, residual)
+    if layout == "csr":
+        arrays = on_device(*to_csr(weight, torch.int32))
+        run = lambda **kw: tk.csr_conv2d(xd, *arrays, bd, k, k, **kw).cpu()  # noqa: E731
+    else:
+        arrays = on_device(*to_bsr(weight, 4, 1, torch.int32))
+        run = lambda **kw: tk.bsr_conv2d(xd, *arrays, 12, bd, k, k, **kw).cpu()  # noqa: E731
+    slopes = torch.rand(12) - 0.5
+    assert_matches(run(negative_slope=0.2), F.leaky_relu(plain, 0.2), torch.float32)
+    assert_matches(run(negative_slope=slopes.to(DEVICE)), F.prelu(plain, slopes), torch.float32)
+    assert_matches(run(negative_slope=torch.tensor([0.3], device=DEVICE)), F.prelu(plain, torch.tensor([0.3])),
+                   torch.float32)
+    assert_matches(run(negative_slope=slopes.to(DEVICE), residual=rd, res_scale=0.5),
+                   residual + 0.5 * F.prelu(plain, slopes), torch.float32)
+    with pytest.raises(ValueError, match="exclusive"):
+        run(negative_slope=0.2, relu=True)
+    with pytest.raises(ValueError, match="1 or 12 entries"):
+        run(negative_slope=torch.ones(5, device=DEVICE))
+
+
 def test_all_zero_weight_gives_epilogue_of_zero():
     x = torch.randn(1, 3, 4, 4)
     weight = torch.zeros(6, 3, 3, 3)
@@ -357,8 +385,8 @@ COMPILE_SCRIPT = """
     from triton.runtime.jit import JITFunction
     from sparsesr.kernels.triton import kernels
 
-    def types(dtype):  # x, row_ptr, col_idx, values, bias, residual, out, 5 ints, res_scale
-        return [f"*{dtype}", "*i32", "*i16", f"*{dtype}", "*fp32", f"*{dtype}", f"*{dtype}",
+    def types(dtype):  # x, row_ptr, col_idx, values, bias, slope, residual, out, 5 ints, res_scale
+        return [f"*{dtype}", "*i32", "*i16", f"*{dtype}", "*fp32", "*fp32", f"*{dtype}", f"*{dtype}",
                 "i32", "i32", "i32", "i32", "i32", "fp32"]
 
     def compile_sm90(kernel, dtype, constants):
@@ -371,7 +399,7 @@ COMPILE_SCRIPT = """
         return compiled.asm["ptx"]
 
     def bsr(dtype, precision, b_h, b_w, k):
-        return dict(KH=k, KW=k, B_H=b_h, B_W=b_w, HAS_BIAS=True, RELU=True, HAS_RESIDUAL=True,
+        return dict(KH=k, KW=k, B_H=b_h, B_W=b_w, HAS_BIAS=True, RELU=False, SLOPE=2, HAS_RESIDUAL=True,
                     DOT_IN_FP32=False, INPUT_PRECISION=precision, BLOCK_CO=16, BW_PAD=b_w,
                     BLOCK_K=16, BLOCK_P=128)
 
@@ -381,9 +409,9 @@ COMPILE_SCRIPT = """
         ("bsr bf16 1x4 1x1", kernels.bsr_conv_kernel, "bf16", bsr("bf16", "ieee", 1, 4, 1)),
         ("bsr fp32 8x1 tf32", kernels.bsr_conv_kernel, "fp32", bsr("fp32", "tf32", 8, 1, 3)),
         ("csr fp32 3x3", kernels.csr_conv_kernel, "fp32", dict(
-            KH=3, KW=3, HAS_BIAS=False, RELU=False, HAS_RESIDUAL=True, BLOCK_NZ=8, BLOCK_P=128)),
+            KH=3, KW=3, HAS_BIAS=False, RELU=False, SLOPE=1, HAS_RESIDUAL=True, BLOCK_NZ=8, BLOCK_P=128)),
         ("csr bf16 1x1", kernels.csr_conv_kernel, "bf16", dict(
-            KH=1, KW=1, HAS_BIAS=True, RELU=True, HAS_RESIDUAL=False, BLOCK_NZ=8, BLOCK_P=128)),
+            KH=1, KW=1, HAS_BIAS=True, RELU=True, SLOPE=0, HAS_RESIDUAL=False, BLOCK_NZ=8, BLOCK_P=128)),
     ]:
         ptx = compile_sm90(kernel, dtype, constants)
         results[name] = {"mma": "mma" in ptx, "entry": f".entry {kernel.__name__}" in ptx}

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-_ABI_VERSION = 2  # the argument convention of _sparseconv.conv2d this file speaks (module.c)
+_ABI_VERSION = 3  # the argument convention of _sparseconv.conv2d this file speaks (module.c)
 
 try:
     from . import _sparseconv
@@ -314,6 +314,24 @@ def _weight_array(prepared: PreparedConv, name: str, dtype: torch.dtype) -> torc
     return t
 
 
+def _negative_slope(slope: float | torch.Tensor | None, c_out: int) -> torch.Tensor | None:
+    """A LeakyReLU slope (float) or PReLU slopes (1 or c_out of them) as a float32 vector."""
+    if slope is None:
+        return None
+    if isinstance(slope, torch.Tensor):
+        if slope.dim() > 1 or slope.numel() not in (1, c_out) or not slope.is_floating_point():
+            raise ValueError(f"negative_slope must be a float or a float tensor of 1 or {c_out} slopes, "
+                             f"got a {slope.dtype} tensor of shape {tuple(slope.shape)}")
+        slope = slope.detach().to("cpu", torch.float32).reshape(-1).contiguous()
+    elif isinstance(slope, (int, float)) and not isinstance(slope, bool):
+        slope = torch.tensor([float(slope)])
+    else:
+        raise ValueError(f"negative_slope must be a float or a tensor, got {type(slope).__name__}")
+    if not bool(torch.isfinite(slope).all()):
+        raise ValueError("negative_slope must be finite")
+    return slope
+
+
 def _array(t: torch.Tensor | None) -> tuple[int, int]:
     """What the extension takes for an array: its address and its length in elements."""
     return (t.data_ptr(), t.numel()) if t is not None else (0, 0)
@@ -331,9 +349,12 @@ def _activation(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
 
 def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = None, relu: bool = False,
            residual: torch.Tensor | None = None, res_scale: float = 1.0, isa: str | None = None,
-           band_rows: int = 0, band_cols: int = 0, shuffle: int = 1) -> torch.Tensor:
-    """Stride-1 zero-padded conv with the fused epilogue ``residual + res_scale * relu(conv + bias)``.
+           band_rows: int = 0, band_cols: int = 0, shuffle: int = 1,
+           negative_slope: float | torch.Tensor | None = None) -> torch.Tensor:
+    """Stride-1 zero-padded conv with the fused epilogue ``residual + res_scale * act(conv + bias)``.
 
+    ``act`` is ReLU with ``relu=True``; with ``negative_slope`` it is ``max(y, 0) + slope * min(y, 0)``:
+    a float (LeakyReLU) or a tensor of one slope per output channel (PReLU; one element: shared).
     x is float32 NCHW on the CPU; ``isa`` forces a code path (default: ``isa()``);
     band_rows / band_cols override the cache tile size (0: automatic). ``shuffle=s`` > 1 stores
     the result pixel-shuffled, ``F.pixel_shuffle(conv2d(...), s)`` without the extra pass over
@@ -368,6 +389,9 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
         bias = bias.detach().to("cpu", torch.float32).contiguous()
     if residual is not None:
         residual = _activation("residual", residual, (n, c_out, h, w))
+    slope = _negative_slope(negative_slope, c_out)
+    if slope is not None and relu:
+        raise ValueError("relu=True and negative_slope are exclusive (ReLU is a slope of 0)")
     if not isinstance(shuffle, int) or shuffle < 1 or c_out % (shuffle * shuffle):
         raise ValueError(f"shuffle must be a positive int whose square divides the {c_out} output channels, "
                          f"got {shuffle!r}")
@@ -379,7 +403,8 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
     code = _ISA_CODES[_check_isa(isa.lower()) if isa else _default_isa()]
     out = torch.empty(n, c_out // shuffle**2, h * shuffle, w * shuffle)
     _sparseconv.conv2d(
-        _array(x), _array(out), _array(residual), _array(bias), _array(group_ptr), _array(nz_k), _array(nz_val),
+        _array(x), _array(out), _array(residual), _array(bias), _array(slope), _array(group_ptr), _array(nz_k),
+        _array(nz_val),
         (n, c_in, h, w, c_out, kh, kw), group, shuffle, bool(relu), float(res_scale),
         max(1, torch.get_num_threads()), code, band_rows, band_cols, -1,
     )

@@ -15,7 +15,7 @@
 #include "sparseconv.h"
 
 /* Bumped whenever conv2d's arguments change, so that the Python side can tell a stale build. */
-#define ABI_VERSION 2
+#define ABI_VERSION 3
 
 /* (address, length) -> array; both must be >= 0. */
 static int parse_array(PyObject *pair, const char *name, const void **p, size_t *len)
@@ -57,40 +57,41 @@ static int env_positive(const char *name)
 }
 
 PyDoc_STRVAR(conv2d_doc,
-    "conv2d(x, out, residual, bias, group_ptr, nz_k, nz_val, sizes, group, shuffle, relu, res_scale,\n"
+    "conv2d(x, out, residual, bias, slope, group_ptr, nz_k, nz_val, sizes, group, shuffle, relu, res_scale,\n"
     "       threads, isa, band_rows, band_cols, stream)\n"
     "Direct sparse convolution on (address, length) arrays; use sparsesr.kernels.cpu.conv2d instead.\n"
-    "Arrays: float32 (int32 for group_ptr, nz_k), contiguous, (0, 0) for no residual / bias.\n"
+    "Arrays: float32 (int32 for group_ptr, nz_k), contiguous, (0, 0) for no residual / bias / slope.\n"
     "sizes: (n, c_in, h, w, c_out, kh, kw); isa: 0 scalar, 1 avx2, 2 avx512; stream: -1 auto.\n"
     "Everything is checked before the output is written: bad arguments raise ValueError.");
 
 static PyObject *py_conv2d(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *arrays[7];
-    static const char *names[7] = {"x", "out", "residual", "bias", "group_ptr", "nz_k", "nz_val"};
+    PyObject *arrays[8];
+    static const char *names[8] = {"x", "out", "residual", "bias", "slope", "group_ptr", "nz_k", "nz_val"};
     ConvArgs a;
     RunOptions o;
     memset(&a, 0, sizeof a);
     memset(&o, 0, sizeof o);
     int relu;
-    if (!PyArg_ParseTuple(args, "OOOOOOO(iiiiiii)iipfiiiii", &arrays[0], &arrays[1], &arrays[2],
-                          &arrays[3], &arrays[4], &arrays[5], &arrays[6], &a.n, &a.c_in, &a.h, &a.w,
+    if (!PyArg_ParseTuple(args, "OOOOOOOO(iiiiiii)iipfiiiii", &arrays[0], &arrays[1], &arrays[2],
+                          &arrays[3], &arrays[4], &arrays[5], &arrays[6], &arrays[7], &a.n, &a.c_in, &a.h, &a.w,
                           &a.c_out, &a.kh, &a.kw, &a.group, &a.shuffle, &relu, &a.res_scale, &o.threads,
                           &o.isa, &o.band_rows, &o.band_cols, &a.stream))
         return NULL;
-    const void *p[7];
-    size_t len[7];
-    for (int i = 0; i < 7; i++)
+    const void *p[8];
+    size_t len[8];
+    for (int i = 0; i < 8; i++)
         if (!parse_array(arrays[i], names[i], &p[i], &len[i]))
             return NULL;
     a.x = (FloatArray){p[0], len[0]};
     a.out = (OutArray){(float *)(uintptr_t)p[1], len[1]};
     a.residual = (FloatArray){p[2], len[2]};
     a.bias = (FloatArray){p[3], len[3]};
-    a.group_ptr = (IndexArray){p[4], len[4]};
-    a.nz_k = (IndexArray){p[5], len[5]};
-    a.nz_val = (FloatArray){p[6], len[6]};
+    a.slope = (FloatArray){p[4], len[4]};
+    a.group_ptr = (IndexArray){p[5], len[5]};
+    a.nz_k = (IndexArray){p[6], len[6]};
+    a.nz_val = (FloatArray){p[7], len[7]};
     a.relu = relu;
     /* read with the GIL held: another Python thread may be changing os.environ */
     o.chunk = env_positive("SPARSESR_CPU_CHUNK");

@@ -130,6 +130,11 @@ static ScStatus check_args(ConvArgs *a, const RunOptions *o, char *msg, size_t c
         FAIL(SC_BAD_LENGTH, "residual has %zu floats, expected n*c_out*h*w = %zu", a->residual.len, out_len);
     if (a->bias.len && a->bias.len != (size_t)a->c_out)
         FAIL(SC_BAD_LENGTH, "bias has %zu floats, expected c_out = %d", a->bias.len, a->c_out);
+    if (a->slope.len > 1 && a->slope.len != (size_t)a->c_out)
+        FAIL(SC_BAD_LENGTH, "slope has %zu floats, expected 1 (LeakyReLU) or c_out = %d (PReLU)", a->slope.len,
+             a->c_out);
+    if (a->slope.len && a->relu)
+        FAIL(SC_BAD_SIZE, "relu and a negative slope are exclusive (ReLU is slope 0: pass one of them)");
 
     a->n_groups = (int)(((long long)a->c_out + a->group - 1) / a->group);
     if (a->group_ptr.len != (size_t)a->n_groups + 1)
@@ -143,7 +148,7 @@ static ScStatus check_args(ConvArgs *a, const RunOptions *o, char *msg, size_t c
 
     if (bad_pointer(a->x.p, a->x.len, sizeof(float)) || bad_pointer(a->out.p, a->out.len, sizeof(float)) ||
         bad_pointer(a->residual.p, a->residual.len, sizeof(float)) ||
-        bad_pointer(a->bias.p, a->bias.len, sizeof(float)) ||
+        bad_pointer(a->bias.p, a->bias.len, sizeof(float)) || bad_pointer(a->slope.p, a->slope.len, sizeof(float)) ||
         bad_pointer(a->group_ptr.p, a->group_ptr.len, sizeof(int32_t)) ||
         bad_pointer(a->nz_k.p, a->nz_k.len, sizeof(int32_t)) ||
         bad_pointer(a->nz_val.p, a->nz_val.len, sizeof(float)))
@@ -153,11 +158,14 @@ static ScStatus check_args(ConvArgs *a, const RunOptions *o, char *msg, size_t c
         a->residual.p = NULL;
     if (!a->bias.len)
         a->bias.p = NULL;
+    if (!a->slope.len)
+        a->slope.p = NULL;
     /* tiles read x, the residual and the bias while others write out */
     if (overlaps(a->out.p, out_bytes, a->x.p, in_bytes) ||
         overlaps(a->out.p, out_bytes, a->residual.p, a->residual.len * sizeof(float)) ||
-        overlaps(a->out.p, out_bytes, a->bias.p, a->bias.len * sizeof(float)))
-        FAIL(SC_BAD_POINTER, "out overlaps x, the residual or the bias");
+        overlaps(a->out.p, out_bytes, a->bias.p, a->bias.len * sizeof(float)) ||
+        overlaps(a->out.p, out_bytes, a->slope.p, a->slope.len * sizeof(float)))
+        FAIL(SC_BAD_POINTER, "out overlaps x, the residual, the bias or the slope");
     if (a->stream < 0) /* auto: stream outputs that do not fit the L2 caches anyway */
         a->stream = (double)out_bytes > 2.0 * 1024 * 1024;
     if (a->shuffle > 1) /* strided single-float stores: streaming ones would write partial lines */

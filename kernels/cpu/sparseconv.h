@@ -33,6 +33,9 @@ typedef struct {
     OutArray out;
     FloatArray residual;     /* len 0: none */
     FloatArray bias;         /* [c_out], or len 0: none */
+    /* negative-side slope of a LeakyReLU (len 1) or PReLU (len c_out) after the bias, or len 0:
+     * none; y = max(y, 0) + slope * min(y, 0). Not with relu (which is exactly max(y, 0)). */
+    FloatArray slope;
     int n, c_in, h, w, c_out, kh, kw;
     int relu;
     int stream;              /* streaming (non-temporal) stores for the output; < 0: decide */

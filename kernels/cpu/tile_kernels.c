@@ -43,6 +43,11 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
     vec4i_portable a_wins = a > b; /* lanes of all ones where a > b (C has no vector ?:) */
     return (VEC)(((vec4i_portable)a & a_wins) | ((vec4i_portable)b & ~a_wins));
 }
+static ALWAYS_INLINE VEC portable_min(VEC a, VEC b)
+{
+    vec4i_portable a_wins = a < b;
+    return (VEC)(((vec4i_portable)a & a_wins) | ((vec4i_portable)b & ~a_wins));
+}
 #define V_ZERO() portable_set1(0.0f)
 #define V_SET1(s) portable_set1(s)
 #define V_LOADU(p) portable_load(p)
@@ -50,6 +55,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #define V_FMA(a, b, c) ((a) * (b) + (c))
 #define V_ADD(a, b) ((a) + (b))
 #define V_MAX(a, b) portable_max(a, b)
+#define V_MIN(a, b) portable_min(a, b)
 #define V_STREAM(p, v) V_STOREU(p, v)
 #define V_FENCE() ((void)0)
 #else
@@ -62,6 +68,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #define V_FMA(a, b, c) ((a) * (b) + (c))
 #define V_ADD(a, b) ((a) + (b))
 #define V_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define V_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define V_STREAM(p, v) V_STOREU(p, v)
 #define V_FENCE() ((void)0)
 #endif
@@ -85,6 +92,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #undef V_FMA
 #undef V_ADD
 #undef V_MAX
+#undef V_MIN
 #undef V_STREAM
 #undef V_FENCE
 
@@ -106,6 +114,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #define V_FMA(a, b, c) _mm256_fmadd_ps((a), (b), (c))
 #define V_ADD(a, b) _mm256_add_ps((a), (b))
 #define V_MAX(a, b) _mm256_max_ps((a), (b))
+#define V_MIN(a, b) _mm256_min_ps((a), (b))
 #define V_STREAM(p, v) _mm256_stream_ps((p), (v))
 #define V_FENCE() _mm_sfence()
 #include "tile_template.h"
@@ -123,6 +132,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #undef V_FMA
 #undef V_ADD
 #undef V_MAX
+#undef V_MIN
 #undef V_STREAM
 #undef V_FENCE
 
@@ -141,6 +151,7 @@ static ALWAYS_INLINE VEC portable_max(VEC a, VEC b)
 #define V_FMA(a, b, c) _mm512_fmadd_ps((a), (b), (c))
 #define V_ADD(a, b) _mm512_add_ps((a), (b))
 #define V_MAX(a, b) _mm512_max_ps((a), (b))
+#define V_MIN(a, b) _mm512_min_ps((a), (b))
 #define V_STREAM(p, v) _mm512_stream_ps((p), (v))
 #define V_FENCE() _mm_sfence()
 #include "tile_template.h"

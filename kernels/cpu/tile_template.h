@@ -42,7 +42,8 @@ typedef struct {
     float *out;        /* output at the register tile's first pixel */
     const float *res;  /* residual there, or NULL */
     VEC bias, scale;   /* bias (0 without one), res_scale */
-    int relu, stream;
+    VEC slope;         /* negative-side slope (LeakyReLU / PReLU), used when leaky */
+    int relu, leaky, stream;
     size_t row, step;  /* output floats between register-tile rows / between neighbouring pixels */
 } FN(Epilogue);
 
@@ -63,6 +64,7 @@ static KTARGET ALWAYS_INLINE FN(Epilogue) FN(epilogue)(const Tile *t, int oc, si
     FN(Epilogue) e = {
         .out = a->out.p + at, .res = a->residual.p ? a->residual.p + at : NULL, .row = row, .step = step,
         .bias = V_SET1(a->bias.p ? a->bias.p[oc] : 0.0f), .scale = V_SET1(a->res_scale), .relu = a->relu,
+        .leaky = a->slope.p != NULL, .slope = V_SET1(a->slope.p ? a->slope.p[a->slope.len > 1 ? oc : 0] : 0.0f),
         /* Streaming stores skip the read-for-ownership of output lines that are far from any
          * cache anyway: a tile writes to every output channel's plane, too many streams for
          * the hardware prefetcher. They need aligned vectors: all of them are when the first
@@ -87,13 +89,15 @@ static KTARGET ALWAYS_INLINE void FN(finish_strided)(VEC v, float *dst, size_t s
         dst[k * step] = tmp[k];
 }
 
-/* acc -> + bias -> (relu) -> (residual + res_scale * y) -> store the first `lanes` lanes at
+/* acc -> + bias -> (relu, or max(y, 0) + slope * min(y, 0)) -> (residual + res_scale * y) -> store the first `lanes` lanes at
  * offset `at` (rows * e->row + pixels * e->step) of the epilogue's channel. */
 static KTARGET ALWAYS_INLINE void FN(finish)(const FN(Epilogue) *e, VEC v, size_t at, int lanes)
 {
     v = V_ADD(v, e->bias);
     if (e->relu)
         v = V_MAX(v, V_ZERO());
+    else if (e->leaky)
+        v = V_FMA(e->slope, V_MIN(v, V_ZERO()), V_MAX(v, V_ZERO()));
     if (e->step != 1) {
         FN(finish_strided)(v, e->out + at, e->step, lanes);
         return;

@@ -19,15 +19,19 @@ import triton.language as tl
 
 
 def bsr_conv_kernel(
-    x_ptr, block_row_ptr, block_col_idx, block_values, bias_ptr, residual_ptr, out_ptr,
+    x_ptr, block_row_ptr, block_col_idx, block_values, bias_ptr, slope_ptr, residual_ptr, out_ptr,
     C_in, H, W, C_out, n_blocks, res_scale,
     KH: tl.constexpr, KW: tl.constexpr,
     B_H: tl.constexpr, B_W: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SLOPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     DOT_IN_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_CO: tl.constexpr, BW_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program: one block row (B_H output channels, padded to BLOCK_CO) x BLOCK_P pixels.
+
+    Epilogue: + bias, then ReLU (RELU) or ``max(y, 0) + slope * min(y, 0)`` with one shared slope
+    (SLOPE = 1: LeakyReLU, or a 1-slope PReLU) or one per output channel (SLOPE = 2: PReLU),
+    then ``residual + res_scale * y``.
 
     Each step takes BLOCK_K // BW_PAD nonzero blocks of the row and lays their B_W columns side
     by side as the K dimension of one ``tl.dot`` (K must be >= 16, and a 4x1 block alone has
@@ -89,13 +93,18 @@ def bsr_conv_kernel(
         else:
             acc = tl.dot(w.to(x_tile.dtype), x_tile, acc, input_precision=INPUT_PRECISION)
 
-    # Epilogue: y = acc + bias; relu; y = residual + res_scale * y; store in the output dtype.
+    # Epilogue: y = acc + bias; activation; y = residual + res_scale * y; store in the output dtype.
     co = pid_row * B_H + offs_co
     co_ok = co_in_block & (co < C_out)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    if SLOPE == 1:
+        acc = tl.maximum(acc, 0.0) + tl.load(slope_ptr).to(tl.float32) * tl.minimum(acc, 0.0)
+    if SLOPE == 2:
+        slope = tl.load(slope_ptr + co, mask=co_ok, other=0.0).to(tl.float32)[:, None]
+        acc = tl.maximum(acc, 0.0) + slope * tl.minimum(acc, 0.0)
     out_offsets = pid_n.to(tl.int64) * C_out * HW + co[:, None] * HW + offs_p[None, :]
     out_mask = co_ok[:, None] & p_ok[None, :]
     if HAS_RESIDUAL:
@@ -105,10 +114,10 @@ def bsr_conv_kernel(
 
 
 def csr_conv_kernel(
-    x_ptr, row_ptr, col_idx, values, bias_ptr, residual_ptr, out_ptr,
+    x_ptr, row_ptr, col_idx, values, bias_ptr, slope_ptr, residual_ptr, out_ptr,
     C_in, H, W, C_out, nnz, res_scale,
     KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, RELU: tl.constexpr, SLOPE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
     BLOCK_NZ: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     """One program: one output channel x BLOCK_P pixels, walking that row's nonzeros.
@@ -157,6 +166,9 @@ def csr_conv_kernel(
         acc += tl.load(bias_ptr + row).to(tl.float32)
     if RELU:
         acc = tl.maximum(acc, 0.0)
+    if SLOPE != 0:
+        slope = tl.load(slope_ptr + (row if SLOPE == 2 else 0)).to(tl.float32)
+        acc = tl.maximum(acc, 0.0) + slope * tl.minimum(acc, 0.0)
     out_offsets = (pid_n.to(tl.int64) * C_out + row) * HW + offs_p
     if HAS_RESIDUAL:
         residual = tl.load(residual_ptr + out_offsets, mask=p_ok, other=0.0)

@@ -201,6 +201,24 @@ def _check_epilogue(bias: torch.Tensor | None, residual: torch.Tensor | None, x:
                              f"found {tuple(residual.shape)}")
 
 
+def _slope_tensor(negative_slope: float | torch.Tensor | None, relu: bool, x: torch.Tensor,
+                  out_channels: int) -> tuple[torch.Tensor | None, int]:
+    """(slopes on x's device, SLOPE flag): 0 none, 1 one shared slope, 2 one per output channel."""
+    if negative_slope is None:
+        return None, 0
+    if relu:
+        raise ValueError("relu=True and negative_slope are exclusive (ReLU is a slope of 0)")
+    if isinstance(negative_slope, torch.Tensor):
+        _check_tensor("negative_slope", negative_slope, x, 1, FLOAT_DTYPES)
+        if negative_slope.numel() not in (1, out_channels):
+            raise ValueError(f"negative_slope must have 1 or {out_channels} entries (one per output "
+                             f"channel), found {negative_slope.numel()}")
+        return negative_slope.contiguous(), 1 if negative_slope.numel() == 1 else 2
+    if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+        raise ValueError(f"negative_slope must be a float or a tensor, found {type(negative_slope).__name__}")
+    return torch.tensor([float(negative_slope)], device=x.device), 1
+
+
 def _check_sizes(x: torch.Tensor, out_channels: int) -> None:
     # The batch is grid axis 1 (at most 65535 programs on CUDA); offsets inside one image are
     # computed in int32 (batch offsets in int64).
@@ -227,8 +245,11 @@ def csr_conv2d(
     relu: bool = False,
     residual: torch.Tensor | None = None,
     res_scale: float = 1.0,
+    negative_slope: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stride-1, zero-padded convolution with a CSR weight, plus the fused epilogue.
+    """Stride-1, zero-padded convolution with a CSR weight, plus the fused epilogue
+    ``residual + res_scale * act(conv + bias)``: act is ReLU (``relu``), LeakyReLU (a float
+    ``negative_slope``), PReLU (a tensor of 1 or C_out slopes) or none.
 
     ``row_ptr`` [C_out+1], ``col_idx`` [nnz], ``values`` [nnz] describe the weight as a
     ``[C_out, C_in*kh*kw]`` matrix (column ``(c_in*kh + ky)*kw + kx``). Returns
@@ -247,6 +268,7 @@ def csr_conv2d(
     c_out = row_ptr.numel() - 1
     out_shape = (n, c_out, h, w)
     _check_epilogue(bias, residual, x, out_shape)
+    slope, slope_flag = _slope_tensor(negative_slope, relu, x, c_out)
     _check_sizes(x, c_out)
 
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
@@ -258,10 +280,11 @@ def csr_conv2d(
     args = (
         x, row_ptr.contiguous(), col_idx.contiguous(), values.contiguous(),
         bias.contiguous() if bias is not None else x,  # dummy pointer, never read
+        slope if slope is not None else x,  # dummy pointer, never read
         residual if residual is not None else x,  # dummy pointer, never read
         out, c_in, h, w, c_out, col_idx.numel(), float(res_scale),
     )
-    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=bool(relu),
+    flags = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, RELU=bool(relu), SLOPE=slope_flag,
                  HAS_RESIDUAL=residual is not None)
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -289,8 +312,10 @@ def bsr_conv2d(
     residual: torch.Tensor | None = None,
     res_scale: float = 1.0,
     allow_tf32: bool = False,
+    negative_slope: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Stride-1, zero-padded convolution with a BSR weight, plus the fused epilogue.
+    """Stride-1, zero-padded convolution with a BSR weight, plus the fused epilogue (as
+    ``csr_conv2d``'s: ReLU, LeakyReLU or PReLU, residual).
 
     ``block_values`` is [nnz_blocks, b_h, b_w]; ``block_row_ptr`` has ceil(out_channels/b_h)+1
     entries; ``block_col_idx`` holds block-column indices (column // b_w). Padding entries of
@@ -318,6 +343,7 @@ def bsr_conv2d(
     n, c_in, h, w = x.shape
     out_shape = (n, out_channels, h, w)
     _check_epilogue(bias, residual, x, out_shape)
+    slope, slope_flag = _slope_tensor(negative_slope, relu, x, out_channels)
     _check_sizes(x, out_channels)
 
     out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
@@ -330,13 +356,14 @@ def bsr_conv2d(
     args = (
         x, block_row_ptr.contiguous(), block_col_idx.contiguous(), block_values.contiguous(),
         bias.contiguous() if bias is not None else x,  # dummy pointer, never read
+        slope if slope is not None else x,  # dummy pointer, never read
         residual if residual is not None else x,  # dummy pointer, never read
         out, c_in, h, w, out_channels, n_blocks, float(res_scale),
     )
     bw_pad = _next_pow2(b_w)
     flags = dict(
         KH=kh, KW=kw, B_H=b_h, B_W=b_w,
-        HAS_BIAS=bias is not None, RELU=bool(relu), HAS_RESIDUAL=residual is not None,
+        HAS_BIAS=bias is not None, RELU=bool(relu), SLOPE=slope_flag, HAS_RESIDUAL=residual is not None,
         # The interpreter cannot tl.dot bf16 operands (triton-lang/triton#11584).
         DOT_IN_FP32=interpret and x.dtype == torch.bfloat16,
         INPUT_PRECISION="tf32" if allow_tf32 and x.dtype == torch.float32 else "ieee",

@@ -10,7 +10,8 @@ Dispatch (``backend="auto"``), decided on every call from the input:
 - anything else -> dense: ``torch.conv2d`` on the densified weight (always correct).
 A forced backend (``"triton"``, ``"cpu"``, ``"dense"``) skips the choice; ``"triton"`` runs the
 layers stored dense with torch. Every path computes
-the same fused epilogue: ``y = conv(x) + bias``, ``relu`` if set, then ``residual + res_scale*y``.
+the same fused epilogue: ``y = conv(x) + bias``, the activation if set (ReLU, LeakyReLU or PReLU:
+see ``fuse_activation``), then ``residual + res_scale*y``.
 """
 from __future__ import annotations
 
@@ -35,6 +36,10 @@ class SparseConv2d(nn.Module):
         self.out_channels, self.in_channels, self.kh, self.kw = layer.shape
         self.block = layer.block
         self.relu = relu
+        # Other activations fused into the epilogue (fuse_activation): LeakyReLU's slope, or
+        # PReLU's slopes (1 or C_out of them, a buffer so that .to(device) moves them).
+        self.leaky_slope: float | None = None
+        self.register_buffer("prelu_weight", None)
         self.shuffle = 1  # > 1: the output is pixel-shuffled (an upsampler's conv + nn.PixelShuffle)
         self.backend = backend
         # Values are kept in fp32 for computing (the file may store fp16/bf16); .half() etc. work as usual.
@@ -50,8 +55,33 @@ class SparseConv2d(nn.Module):
     def extra_repr(self) -> str:
         block = f", block={self.block}" if self.block else ""
         shuffle = f", shuffle={self.shuffle}" if self.shuffle > 1 else ""
+        act = (f", leaky_relu={self.leaky_slope}" if self.leaky_slope is not None else
+               f", prelu={self.prelu_weight.numel()}" if self.prelu_weight is not None else f", relu={self.relu}")
         return (f"{self.in_channels}, {self.out_channels}, kernel_size=({self.kh}, {self.kw}), "
-                f"layout={self.layout}{block}, relu={self.relu}{shuffle}, backend={self.backend}")
+                f"layout={self.layout}{block}{act}{shuffle}, backend={self.backend}")
+
+    def fuse_activation(self, module: nn.Module) -> bool:
+        """Take ``module`` (the activation right after this conv) into the epilogue.
+
+        ReLU, LeakyReLU and PReLU (one slope or one per output channel) are fused; returns False,
+        changing nothing, for anything else or when an activation is already fused.
+        """
+        if self.relu or self.leaky_slope is not None or self.prelu_weight is not None:
+            return False
+        if isinstance(module, nn.ReLU):
+            self.relu = True
+        elif isinstance(module, nn.LeakyReLU):
+            self.leaky_slope = float(module.negative_slope)
+        elif isinstance(module, nn.PReLU) and module.weight.numel() in (1, self.out_channels):
+            self.prelu_weight = module.weight.detach().float().reshape(-1).clone()
+        else:
+            return False
+        return True
+
+    @property
+    def negative_slope(self) -> float | torch.Tensor | None:
+        """The fused LeakyReLU / PReLU slope(s), or None (no activation, or ReLU)."""
+        return self.prelu_weight if self.prelu_weight is not None else self.leaky_slope
 
     def scale_values(self, factor: float) -> None:
         """Multiply the weight by ``factor`` (a new tensor: the old one may be shared) and drop the
@@ -72,7 +102,7 @@ class SparseConv2d(nn.Module):
         if path == "cpu":  # the kernel stores the shuffled layout directly: no extra pass over memory
             cpu = backends.kernel("cpu")
             y = cpu.conv2d(x, self._cpu_prepared(), bias=self.bias, relu=self.relu, residual=residual,
-                           res_scale=res_scale, shuffle=self.shuffle)
+                           res_scale=res_scale, shuffle=self.shuffle, negative_slope=self.negative_slope)
         else:
             run = self._run_triton if path == "triton" else self._run_dense
             y = run(x, residual, res_scale)
@@ -132,6 +162,10 @@ class SparseConv2d(nn.Module):
         y = F.conv2d(x, self.dense_weight(x.dtype), bias, padding=(self.kh // 2, self.kw // 2))
         if self.relu:
             y = F.relu(y)
+        elif self.prelu_weight is not None:
+            y = F.prelu(y, self.prelu_weight.to(x.dtype))
+        elif self.leaky_slope is not None:
+            y = F.leaky_relu(y, self.leaky_slope)
         if residual is not None:
             y = residual.add(y, alpha=res_scale)
         return y
@@ -139,7 +173,7 @@ class SparseConv2d(nn.Module):
     def _run_triton(self, x: torch.Tensor, residual: torch.Tensor | None, res_scale: float) -> torch.Tensor:
         triton = backends.kernel("triton")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        epilogue = dict(relu=self.relu, residual=residual, res_scale=res_scale)
+        epilogue = dict(relu=self.relu, residual=residual, res_scale=res_scale, negative_slope=self.negative_slope)
         if self.layout == "csr":
             return triton.csr_conv2d(x, self.row_ptr, self.col_idx, self.values.to(x.dtype), bias,
                                      self.kh, self.kw, **epilogue)
