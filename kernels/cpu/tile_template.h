@@ -89,8 +89,8 @@ static KTARGET ALWAYS_INLINE void FN(finish_strided)(VEC v, float *dst, size_t s
         dst[k * step] = tmp[k];
 }
 
-/* acc -> + bias -> (relu, or max(y, 0) + slope * min(y, 0)) -> (residual + res_scale * y) -> store the first `lanes` lanes at
- * offset `at` (rows * e->row + pixels * e->step) of the epilogue's channel. */
+/* acc -> + bias -> (relu, or max(y, 0) + slope * min(y, 0)) -> (residual + res_scale * y) ->
+ * store the first `lanes` lanes at offset `at` (rows * e->row + pixels * e->step) of the epilogue's channel. */
 static KTARGET ALWAYS_INLINE void FN(finish)(const FN(Epilogue) *e, VEC v, size_t at, int lanes)
 {
     v = V_ADD(v, e->bias);

@@ -89,14 +89,11 @@ class SparseEDSR(EDSR):
         y = self.body[-1](self.body[:-1](y), residual=y)
         return self.tail(y)
 
-    # What callers (upscaling, eval, bench) need to know of any runtime model, whatever its family.
+    # What callers (upscaling, eval, bench) need to know of any runtime model, whatever its family
+    # (``scale`` comes from EDSR).
     @property
     def family(self) -> str:
         return "edsr"
-
-    @property
-    def scale(self) -> int:
-        return int(self.config.scale)
 
     @property
     def n_colors(self) -> int:
