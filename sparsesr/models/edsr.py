@@ -153,7 +153,7 @@ def detect(state_dict: dict[str, torch.Tensor]) -> tuple[EDSRConfig, dict[str, t
     if "head.0.weight" not in state_dict:
         raise WrongFamily("not an EDSR state dict (expected a conv weight 'head.0.weight' (EDSR-PyTorch) "
                           "or 'conv_first.weight' and 'conv_after_body.weight' (BasicSR))")
-    head = conv_weight(state_dict, "head.0.weight", "EDSR")
+    head = conv_weight(state_dict, "head.0.weight", "an EDSR")
     n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
     n_resblocks = numbered(state_dict, r"body\.(\d+)\.body\.0\.weight", "EDSR residual blocks body.N.body.0")
     ups = [state_dict[k] for k in sorted(state_dict) if re.fullmatch(r"tail\.0\.\d+\.weight", k)]

@@ -14,12 +14,13 @@ class WrongFamily(CheckpointError):
     """The keys are not this family's (``detect_family`` then tries the next family)."""
 
 
-def conv_weight(state_dict: dict[str, torch.Tensor], key: str, family: str) -> torch.Tensor:
-    """``state_dict[key]`` as a 4-d conv weight, or ``WrongFamily`` naming what was expected."""
+def conv_weight(state_dict: dict[str, torch.Tensor], key: str, what: str) -> torch.Tensor:
+    """``state_dict[key]`` as a 4-d conv weight, or ``WrongFamily`` saying it is not ``what``
+    (e.g. "an EDSR") and what was expected."""
     value = state_dict.get(key)
     if value is None or value.dim() != 4:
-        found = "missing" if value is None else f"shape {list(value.shape)}"
-        raise WrongFamily(f"not a {family} state dict (expected a conv weight {key!r}, found {found})")
+        found = "none" if value is None else f"shape {list(value.shape)}"
+        raise WrongFamily(f"not {what} state dict (expected a conv weight {key!r}, found {found})")
     return value
 
 

@@ -90,9 +90,9 @@ class MSRResNet(nn.Module):
 
 def detect(state_dict: dict[str, torch.Tensor]) -> tuple[MSRResNetConfig, dict[str, torch.Tensor]]:
     """Config of a BasicSR MSRResNet state dict (the keys are already the module's)."""
-    first = conv_weight(state_dict, "conv_first.weight", "MSRResNet")
-    up = conv_weight(state_dict, "upconv1.weight", "MSRResNet")
-    conv_weight(state_dict, "conv_hr.weight", "MSRResNet")
+    first = conv_weight(state_dict, "conv_first.weight", "an MSRResNet")
+    up = conv_weight(state_dict, "upconv1.weight", "an MSRResNet")
+    conv_weight(state_dict, "conv_hr.weight", "an MSRResNet")
     n_feats, n_colors = int(first.shape[0]), int(first.shape[1])
     num_block = numbered(state_dict, r"body\.(\d+)\.conv1\.weight", "MSRResNet residual blocks body.N.conv1")
     if "upconv2.weight" in state_dict:

@@ -120,10 +120,10 @@ def detect(state_dict: dict[str, torch.Tensor]) -> tuple[RRDBNetConfig, dict[str
     """Config of an RRDBNet state dict (BasicSR or original ESRGAN names), keys renamed to BasicSR's."""
     if "trunk_conv.weight" in state_dict:
         state_dict = renamed(state_dict, ESRGAN_RENAMES)
-    first = conv_weight(state_dict, "conv_first.weight", "RRDBNet")
-    conv_weight(state_dict, "conv_body.weight", "RRDBNet")
-    last = conv_weight(state_dict, "conv_last.weight", "RRDBNet")
-    grow = conv_weight(state_dict, "body.0.rdb1.conv1.weight", "RRDBNet")
+    first = conv_weight(state_dict, "conv_first.weight", "an RRDBNet")
+    conv_weight(state_dict, "conv_body.weight", "an RRDBNet")
+    last = conv_weight(state_dict, "conv_last.weight", "an RRDBNet")
+    grow = conv_weight(state_dict, "body.0.rdb1.conv1.weight", "an RRDBNet")
     n_feats, n_in, n_colors = int(first.shape[0]), int(first.shape[1]), int(last.shape[0])
     num_block = numbered(state_dict, r"body\.(\d+)\.rdb1\.conv1\.weight", "RRDBNet blocks body.N.rdb1")
     if n_in == n_colors:

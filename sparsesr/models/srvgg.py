@@ -84,7 +84,7 @@ def detect(state_dict: dict[str, torch.Tensor]) -> tuple[SRVGGConfig, dict[str, 
     Without PReLU weights the activation is taken to be ReLU: ReLU and LeakyReLU have no weights
     to tell them apart (every published model uses PReLU).
     """
-    first = conv_weight(state_dict, "body.0.weight", "SRVGGNetCompact")
+    first = conv_weight(state_dict, "body.0.weight", "an SRVGGNetCompact")
     if any(not re.fullmatch(r"body\.\d+\.(weight|bias)", k) for k in state_dict):
         raise WrongFamily("not an SRVGGNetCompact state dict (expected only body.N.weight / body.N.bias keys)")
     n_feats, n_colors = int(first.shape[0]), int(first.shape[1])
