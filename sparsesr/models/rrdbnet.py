@@ -107,13 +107,20 @@ class RRDBNet(nn.Module):
         return self.config.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
         if self.unshuffle > 1:
+            # Odd sizes are reflect-padded and the output cropped, as Real-ESRGAN's inference does
+            # (its x2 network alone only takes even sizes).
+            pad_h, pad_w = -h % self.unshuffle, -w % self.unshuffle
+            if pad_h or pad_w:
+                x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
             x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
-        return self.conv_last(self.lrelu(self.conv_hr(feat)))
+        out = self.conv_last(self.lrelu(self.conv_hr(feat)))
+        return out[..., : h * self.config.scale, : w * self.config.scale]
 
 
 def detect(state_dict: dict[str, torch.Tensor]) -> tuple[RRDBNetConfig, dict[str, torch.Tensor]]:
