@@ -230,3 +230,18 @@ def test_int64_buffers_of_the_module_are_allowed():
     sd[next(iter(sd))] = sd[next(iter(sd))].long()
     with pytest.raises(CheckpointError, match="expected dense floating point"):
         check_state_dict(model.config, sd)
+
+
+def test_info_names_the_family_and_config(tmp_path):
+    from sparsesr.format import export
+    from sparsesr.inspect import describe_model_file
+
+    model, native = _reference("rrdbnet-x2")
+    torch.save({"params_ema": native}, tmp_path / "RealESRGAN_x2plus.pth")
+    info = describe_model_file(tmp_path / "RealESRGAN_x2plus.pth")
+    assert info["family"] == "rrdbnet" and info["config"] == model.config.to_dict()
+    assert info["model"].startswith("rrdbnet (RRDBNet, custom) x2: n_feats 8, num_block 2, num_grow_ch 4")
+    assert [r["pruned"] for r in info["layers"]][0] is False and info["layers"][0]["name"] == "conv_first"
+    export(tmp_path / "RealESRGAN_x2plus.pth", tmp_path / "e.safetensors")
+    info = describe_model_file(tmp_path / "e.safetensors")
+    assert info["family"] == "rrdbnet" and info["layers"][-1]["name"] == "conv_last"
