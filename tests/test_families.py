@@ -245,3 +245,42 @@ def test_info_names_the_family_and_config(tmp_path):
     export(tmp_path / "RealESRGAN_x2plus.pth", tmp_path / "e.safetensors")
     info = describe_model_file(tmp_path / "e.safetensors")
     assert info["family"] == "rrdbnet" and info["layers"][-1]["name"] == "conv_last"
+
+
+@pytest.mark.parametrize("family, config, fragment", [
+    ("srvgg", {"num_conv": 100000}, "num_conv must be an integer in 1..256"),
+    ("srvgg", {"act_type": "gelu"}, "act_type must be one of prelu, relu, leakyrelu"),
+    ("rrdbnet", {"scale": 3}, "scale must be one of 2, 4"),
+    ("rrdbnet", {"n_feats": 2048, "num_block": 256, "num_grow_ch": 2048}, "parameters, more than"),
+    ("msrresnet", {"n_resblocks": 4}, "unknown config keys ['n_resblocks']"),
+    ("msrresnet", {"n_colors": 5}, "n_colors must be an integer in 1..4"),
+])
+def test_family_configs_are_checked_before_building(tmp_path, family, config, fragment):
+    meta = {"family": family, "config": config}
+    path = tmp_path / "h.safetensors"
+    path.write_bytes(save_tensors({"x": torch.zeros(1)}, metadata={k: json.dumps(v) for k, v in meta.items()}))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(path)
+    assert "bad config in metadata" in str(err.value) and fragment in str(err.value)
+
+
+def test_an_exported_file_of_an_unknown_family_is_refused():
+    import struct
+
+    from safetensors.torch import load as load_tensors
+
+    from sparsesr.errors import SparseFormatError
+    from sparsesr.format.reader import _Validator
+    from sparsesr.models.checkpoint import Checkpoint
+
+    model, _ = _reference("srvgg-prelu")
+    data = export_bytes(Checkpoint(dict(model.state_dict()), "srvgg-custom", model.config))
+    model_file = parse_bytes(data)
+    assert model_file.family == "srvgg" and model_file.to_checkpoint().family == "srvgg"
+
+    n = struct.unpack("<Q", data[:8])[0]
+    metadata = json.loads(data[8:8 + n])["__metadata__"]
+    with pytest.raises(SparseFormatError, match="bad metadata family: unknown architecture family 'swinir'"):
+        _Validator({**metadata, "family": "swinir"}, load_tensors(data), "f").run(len(data))
+    with pytest.raises(SparseFormatError, match="bad metadata config"):  # an srvgg config read as EDSR
+        _Validator({k: v for k, v in metadata.items() if k != "family"}, load_tensors(data), "f").run(len(data))
