@@ -284,3 +284,13 @@ def test_an_exported_file_of_an_unknown_family_is_refused():
         _Validator({**metadata, "family": "swinir"}, load_tensors(data), "f").run(len(data))
     with pytest.raises(SparseFormatError, match="bad metadata config"):  # an srvgg config read as EDSR
         _Validator({k: v for k, v in metadata.items() if k != "family"}, load_tensors(data), "f").run(len(data))
+
+
+def test_the_runtime_refuses_other_families_in_one_line(tmp_path):
+    from sparsesr.errors import BackendError
+    from sparsesr.runtime import load
+
+    _, native = _reference("srvgg-prelu")
+    torch.save({"params_ema": native}, tmp_path / "v.pth")
+    with pytest.raises(BackendError, match="v.pth: a srvgg model; the sparse runtime runs only edsr models"):
+        load(tmp_path / "v.pth", device="cpu")
