@@ -111,13 +111,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: the weights do not match the digest recorded when the file was saved "
                               "(weights_sha256): the file is corrupt or was edited")
     state_dict = _normalise_keys(state_dict)
+    renamed = False
     if "config" in metadata:
         # Files written before there were other families say none: they are EDSR.
         config = _validated(metadata["config"], f"{path}: bad config in metadata", metadata.get("family", "edsr"))
     else:
-        family, config, state_dict = detect_family(state_dict, source=str(path))
+        family, config, detected = detect_family(state_dict, source=str(path))
         config = _validated(config.to_dict(), f"{path}: unsupported architecture (inferred from the shapes)", family.name)
-    check_state_dict(config, state_dict, source=str(path))
+        renamed, state_dict = set(detected) != set(state_dict), detected
+    try:
+        check_state_dict(config, state_dict, source=str(path))
+    except CheckpointError as exc:
+        if not renamed:
+            raise
+        # the keys it names are the module's, not the file's: say so
+        raise CheckpointError(f"{exc} (key names as mapped to the {family_of(config).name} module's)") from None
     return Checkpoint(state_dict=state_dict, arch=arch_of(config), config=config, metadata=metadata)
 
 
