@@ -8,9 +8,10 @@ from pathlib import Path
 def describe_model_file(path: str | os.PathLike) -> dict:
     """Per-layer shape, nonzeros and sparsity of a checkpoint or exported file.
 
-    Returns ``{"path", "kind", "arch", "scale", "layers": [{name, shape, layout, sparsity, nnz, bytes}],
-    "sparsity", "size_bytes", ...}`` (the same rows as ``sparsesr.format.describe``) where
-    the top-level ``sparsity`` is over the pruned (sparse-eligible) layers: every conv but the
+    Returns ``{"path", "kind", "family", "arch", "model", "scale", "config", "layers": [{name, shape,
+    layout, sparsity, nnz, bytes}], "sparsity", "size_bytes", ...}`` (the same rows as
+    ``sparsesr.format.describe``) where ``model`` is one line naming the family, preset and config,
+    and the top-level ``sparsity`` is over the pruned (sparse-eligible) layers: every conv but the
     first and the last.
     """
     from sparsesr.format import is_sparse_model_file
@@ -19,8 +20,21 @@ def describe_model_file(path: str | os.PathLike) -> dict:
     if is_sparse_model_file(path):
         from sparsesr.format import describe
 
-        return {"path": str(path), "kind": "exported", **describe(path)}
-    return _describe_checkpoint(path)
+        info = {"path": str(path), "kind": "exported", **describe(path)}
+    else:
+        info = _describe_checkpoint(path)
+    info["model"] = model_line(info["family"], info["arch"], info["config"])
+    return info
+
+
+def model_line(family: str, arch: str, config: dict) -> str:
+    """``"srvgg (srvgg-cpu preset) x4: n_feats 32, num_conv 8, act_type prelu, n_colors 3"``."""
+    from sparsesr.models import get_family
+
+    name = get_family(family).build.__name__
+    preset = "custom" if arch.endswith("-custom") else f"{arch} preset"
+    fields = ", ".join(f"{k} {v}" for k, v in config.items() if k != "scale")
+    return f"{family} ({name}, {preset}) x{config.get('scale')}: {fields}"
 
 
 def _describe_checkpoint(path: Path) -> dict:
@@ -46,6 +60,7 @@ def _describe_checkpoint(path: Path) -> dict:
     return {
         "path": str(path),
         "kind": "checkpoint",
+        "family": ckpt.family,
         "arch": ckpt.arch,
         "scale": ckpt.config.scale,
         "config": ckpt.config.to_dict(),

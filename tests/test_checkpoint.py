@@ -303,14 +303,15 @@ def test_other_wrappers_of_edsr_pytorch_keys_load(tmp_path, wrap):
     assert _same_output(model, load_model(tmp_path / "m.pth"))
 
 
-def test_basicsr_edsr_key_names_are_refused_with_one_line(tmp_path):
-    """BasicSR's own EDSR names (conv_first, body.N.conv1, ...) are not read (issue #14): a clear
-    CheckpointError naming the file, not a traceback or a wrong network."""
+def test_incomplete_basicsr_edsr_state_dict_is_one_line(tmp_path):
+    """BasicSR's own EDSR names (conv_first, body.N.conv1, ...) load (issue #14, tests/test_families.py);
+    one missing its biases is a clear CheckpointError naming the file, not a traceback or a wrong network."""
     f = 8
     sd = {"conv_first.weight": torch.zeros(f, 3, 3, 3), "conv_first.bias": torch.zeros(f),
           "body.0.conv1.weight": torch.zeros(f, f, 3, 3), "body.0.conv2.weight": torch.zeros(f, f, 3, 3),
           "conv_after_body.weight": torch.zeros(f, f, 3, 3), "upsample.0.weight": torch.zeros(4 * f, f, 3, 3),
           "conv_last.weight": torch.zeros(3, f, 3, 3)}
     torch.save({"params": sd}, tmp_path / "basicsr.pth")
-    with pytest.raises(CheckpointError, match=r"basicsr\.pth: not an EDSR state dict"):
+    with pytest.raises(CheckpointError, match=r"basicsr\.pth: the tensors do not match .*missing keys") as err:
         load_checkpoint(tmp_path / "basicsr.pth")
+    assert "\n" not in str(err.value)

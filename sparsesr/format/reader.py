@@ -36,9 +36,11 @@ from sparsesr.format.spec import (
     validated_config,
     weight_tensor_names,
 )
+from typing import Any
+
 from sparsesr.models import arch_of
 from sparsesr.models.checkpoint import Checkpoint
-from sparsesr.models.edsr import EDSRConfig
+from sparsesr.models.registry import get_family
 
 SPARSITY_TOLERANCE = 1e-6
 
@@ -83,9 +85,10 @@ class SparseModelFile:
     """A validated sparsesr model file."""
 
     arch: str
-    config: EDSRConfig
+    config: Any  # the family's config
     layers: dict[str, ConvLayer]  # in forward order
     tensors: dict[str, torch.Tensor]  # biases and the other dense tensors (fp32)
+    family: str = "edsr"  # "edsr", "msrresnet", "rrdbnet", "srvgg" (files without one are EDSR)
     provenance: dict = field(default_factory=dict)
     format_version: str = FORMAT_VERSION
     size_bytes: int = 0
@@ -109,7 +112,8 @@ class SparseModelFile:
             metadata["pruning"] = {"method": provenance.get("pruning_method"), **(pruning if isinstance(pruning, dict) else {})}
         if "quality" in provenance:
             metadata["quality"] = provenance["quality"]
-        return Checkpoint(state_dict=self.dense_state_dict(), arch=self.arch, config=self.config, metadata=metadata)
+        return Checkpoint(state_dict=self.dense_state_dict(), arch=self.arch, config=self.config, metadata=metadata,
+                          family=self.family)
 
     def summary(self) -> dict:
         """Per-layer rows and totals, as ``describe()`` and the export report show them."""
@@ -136,6 +140,7 @@ class SparseModelFile:
         return {
             "format": FORMAT_NAME,
             "format_version": self.format_version,
+            "family": self.family,
             "arch": self.arch,
             "scale": self.config.scale,
             "config": self.config.to_dict(),
@@ -241,7 +246,8 @@ class _Validator:
         version = self.metadata.get("format_version")
         if version != FORMAT_VERSION:
             raise self.fail(f"unsupported format_version {version!r}, this reader understands {FORMAT_VERSION!r}")
-        config = self._config()
+        family = self.metadata.get("family", "edsr")  # files written before the other families are EDSR
+        config = self._config(family)
         arch = self.metadata.get("arch")
         if arch != arch_of(config):
             raise self.fail(f"metadata arch is {arch!r} but the config describes {arch_of(config)!r}")
@@ -268,7 +274,7 @@ class _Validator:
         unexpected = sorted(set(self.tensors) - self.used)
         if unexpected:
             raise self.fail(f"unexpected tensors {unexpected[:5]}" + (f" ({len(unexpected)} in all)" if len(unexpected) > 5 else ""))
-        return SparseModelFile(arch=arch, config=config, layers=layers, tensors=others, provenance=provenance,
+        return SparseModelFile(arch=arch, config=config, layers=layers, tensors=others, family=family, provenance=provenance,
                                format_version=version, size_bytes=size_bytes, source=self.source)
 
     # -- metadata --
@@ -283,9 +289,13 @@ class _Validator:
         except (ValueError, RecursionError) as exc:
             raise self.fail(f"metadata {key!r} is not valid JSON ({exc})") from None
 
-    def _config(self) -> EDSRConfig:
+    def _config(self, family: str) -> Any:
+        try:
+            get_family(family)
+        except ConfigError as exc:
+            raise self.fail(f"bad metadata family: {exc}") from None
         try:  # the same checks as for a checkpoint's config (sparsesr.models.checkpoint)
-            return validated_config(self._json("config"))
+            return validated_config(self._json("config"), family)
         except ConfigError as exc:
             raise self.fail(f"bad metadata config: {exc}") from None
 

@@ -105,6 +105,9 @@ def export_bytes(source: str | os.PathLike | Checkpoint, dtype: str = "fp32", la
         "layers": json.dumps(layer_meta),
         "provenance": json.dumps(provenance),
     }
+    # EDSR files say nothing (absent = edsr), so they keep the bytes of earlier versions.
+    if ckpt.family != "edsr":
+        metadata["family"] = ckpt.family
     return canonical_safetensors(save(tensors, metadata=metadata))
 
 

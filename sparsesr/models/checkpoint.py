@@ -1,19 +1,21 @@
 """Reading and writing model checkpoints.
 
-sparsesr checkpoints are safetensors files whose ``__metadata__`` holds the architecture and its
-config as JSON, so a file is self-describing. ``.pt``/``.pth`` state dicts with EDSR-PyTorch key
-names are read too, also inside BasicSR's ``params`` / ``params_ema`` wrapping (with
-``torch.load(weights_only=True)``: never plain unpickling), their architecture inferred from the
-keys and shapes. BasicSR's own EDSR key names (``conv_first``...) are not read yet.
+sparsesr checkpoints are safetensors files whose ``__metadata__`` holds the architecture family,
+preset and config as JSON, so a file is self-describing (files without ``family`` are EDSR).
+Native state dicts of every family (``sparsesr.models.registry``: EDSR-PyTorch and BasicSR EDSR,
+MSRResNet, ESRGAN / Real-ESRGAN RRDBNet, SRVGGNetCompact) are read too, as ``.pt``/``.pth`` (also
+inside BasicSR's ``params`` / ``params_ema`` wrapping; with ``torch.load(weights_only=True)``:
+never plain unpickling) or safetensors without our metadata; their family and config are
+inferred from the keys and shapes (docs/architectures.md).
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from sparsesr.errors import CheckpointError, ConfigError
 from sparsesr.fileio import atomic_write_bytes, canonical_safetensors
 from sparsesr.models import arch_of, model_from_config
 from sparsesr.models.edsr import EDSRConfig
+from sparsesr.models.registry import detect_family, family_of, get_family
 
 CHECKPOINT_FORMAT = "sparsesr-checkpoint"
 _TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
@@ -31,8 +34,15 @@ _TORCH_SUFFIXES = {".pt", ".pth", ".ckpt", ".bin"}
 class Checkpoint:
     state_dict: dict[str, torch.Tensor]
     arch: str
-    config: EDSRConfig
+    config: Any  # the family's config (EDSRConfig, MSRResNetConfig, ...)
     metadata: dict = field(default_factory=dict)  # everything else the file said (step, metrics, pruning...)
+    family: str = ""  # "edsr", "msrresnet", "rrdbnet", "srvgg"; filled in from the config when left out
+
+    def __post_init__(self) -> None:
+        name = family_of(self.config).name
+        if self.family and self.family != name:
+            raise CheckpointError(f"checkpoint family {self.family!r} does not match its {type(self.config).__name__} ({name!r})")
+        self.family = name
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict | None = None) -> None:
@@ -45,13 +55,14 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, metadata: dict | 
     """
     from safetensors.torch import save
 
-    config: EDSRConfig = model.config
+    config = model.config
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     for name, value in tensors.items():
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: refusing to save non-finite weights ({name} holds NaN or inf)")
     # The digest goes last so that metadata copied from another checkpoint cannot override it.
-    meta = {"format": CHECKPOINT_FORMAT, "arch": arch_of(config), "config": config.to_dict(), **(metadata or {}),
+    meta = {"format": CHECKPOINT_FORMAT, "family": family_of(config).name, "arch": arch_of(config),
+            "config": config.to_dict(), **(metadata or {}),
             "weights_sha256": weights_sha256(tensors)}
     # safetensors' save_file creates files readable by the owner only: write the bytes ourselves.
     # Canonical header: the same model and metadata give the same bytes in every process.
@@ -68,14 +79,18 @@ def weights_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
     digest = hashlib.sha256()
     for key in sorted(tensors):
-        value = tensors[key].detach().to("cpu").contiguous()
+        value = tensors[key].detach().to("cpu")
+        # A fresh row-major copy: .contiguous() keeps odd strides of 0-d / 1-element tensors (and
+        # of some views), on which .view(uint8) fails. The bytes, so the digest, are the same.
+        value = torch.empty(value.shape, dtype=value.dtype).copy_(value)
         digest.update(f"{key}\t{str(value.dtype).removeprefix('torch.')}\t{list(value.shape)}\n".encode())
         digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a sparsesr safetensors checkpoint or an EDSR-PyTorch state dict (also BasicSR-wrapped).
+    """Read a sparsesr safetensors checkpoint or a native state dict of any family (.pth, also
+    BasicSR-wrapped, or safetensors without our metadata).
 
     Nothing in the file is trusted: its config (from the metadata, or inferred from the shapes)
     gets the same limits as an exported file's (``sparsesr.format.spec.validated_config``), and
@@ -96,11 +111,21 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         raise CheckpointError(f"{path}: the weights do not match the digest recorded when the file was saved "
                               "(weights_sha256): the file is corrupt or was edited")
     state_dict = _normalise_keys(state_dict)
+    renamed = False
     if "config" in metadata:
-        config = _validated(metadata["config"], f"{path}: bad config in metadata")
+        # Files written before there were other families say none: they are EDSR.
+        config = _validated(metadata["config"], f"{path}: bad config in metadata", metadata.get("family", "edsr"))
     else:
-        config = infer_config(state_dict, source=str(path))
-    check_state_dict(config, state_dict, source=str(path))
+        family, config, detected = detect_family(state_dict, source=str(path))
+        config = _validated(config.to_dict(), f"{path}: unsupported architecture (inferred from the shapes)", family.name)
+        renamed, state_dict = set(detected) != set(state_dict), detected
+    try:
+        check_state_dict(config, state_dict, source=str(path))
+    except CheckpointError as exc:
+        if not renamed:
+            raise
+        # the keys it names are the module's, not the file's: say so
+        raise CheckpointError(f"{exc} (key names as mapped to the {family_of(config).name} module's)") from None
     return Checkpoint(state_dict=state_dict, arch=arch_of(config), config=config, metadata=metadata)
 
 
@@ -112,26 +137,32 @@ def load_model(path: str | os.PathLike) -> nn.Module:
     return model.eval()
 
 
-def check_state_dict(config: EDSRConfig, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def check_state_dict(config: Any, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Raise ``CheckpointError`` unless ``state_dict`` holds exactly the tensors ``config``'s network
-    has, with their shapes, as finite dense floating-point CPU tensors. Builds nothing (the
-    expected shapes come from the meta device)."""
-    from sparsesr.format.spec import expected_structure
+    (any family) has, with their shapes, as finite dense CPU tensors: floating point where the
+    network's are, else of the network's own dtype (e.g. BatchNorm's int64 ``num_batches_tracked``).
+    Builds nothing (the expected shapes come from the meta device)."""
+    from sparsesr.format.spec import expected_dtypes, expected_structure
 
-    _validated(config.to_dict(), f"{source}: bad config")  # a Checkpoint built in code skipped load_checkpoint
+    family = family_of(config).name
+    _validated(config.to_dict(), f"{source}: bad config", family)  # a Checkpoint built in code skipped load_checkpoint
     _, expected = expected_structure(config)
     problems = _structure_problems(expected, {k: tuple(v.shape) for k, v in state_dict.items()})
     if problems:
         wanted = sum(math.prod(s) for s in expected.values())
         found = sum(v.numel() for v in state_dict.values())
-        raise CheckpointError(f"{source}: the tensors do not match the config ({config.n_resblocks} blocks x "
-                              f"{config.n_feats} channels, x{config.scale}: {wanted:,} values; the file holds "
-                              f"{found:,}): {problems}")
+        sizes = ", ".join(f"{k} {v}" for k, v in config.to_dict().items())
+        raise CheckpointError(f"{source}: the tensors do not match the config ({family}: {sizes}: {wanted:,} "
+                              f"values; the file holds {found:,}): {problems}")
+    dtypes = expected_dtypes(config)
     for key, tensor in state_dict.items():
-        if tensor.layout != torch.strided or tensor.device.type != "cpu" or not tensor.is_floating_point():
+        wanted_float = dtypes[key].is_floating_point
+        dtype_ok = tensor.is_floating_point() if wanted_float else tensor.dtype == dtypes[key]
+        if tensor.layout != torch.strided or tensor.device.type != "cpu" or not dtype_ok:
+            wanted_text = "floating point" if wanted_float else str(dtypes[key]).removeprefix("torch.")
             raise CheckpointError(f"{source}: tensor {key!r} is a {str(tensor.dtype).removeprefix('torch.')} "
-                                  f"{tensor.layout} tensor on {tensor.device.type}, expected dense floating point")
-        if not bool(torch.isfinite(tensor).all()):
+                                  f"{tensor.layout} tensor on {tensor.device.type}, expected dense {wanted_text}")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{source}: tensor {key!r} holds NaN or infinite values")
 
 
@@ -161,36 +192,23 @@ def _structure_problems(expected: dict[str, tuple[int, ...]], found: dict[str, t
     return "; ".join(problems)
 
 
-def _validated(raw: object, prefix: str) -> EDSRConfig:
+def _validated(raw: object, prefix: str, family: object = "edsr") -> Any:
     from sparsesr.format.spec import validated_config  # here: sparsesr.format imports this module
 
     try:
-        return validated_config(raw)
+        get_family(family)  # type: ignore[arg-type] - a file's "family" may be anything
+        return validated_config(raw, family)  # type: ignore[arg-type]
     except ConfigError as exc:
         raise CheckpointError(f"{prefix}: {exc}") from None
 
 
 def infer_config(state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> EDSRConfig:
-    """Recover an EDSR config from parameter names and shapes (for files without metadata)."""
-    head = state_dict.get("head.0.weight")
-    if head is None or head.dim() != 4:
-        raise CheckpointError(f"{source}: not an EDSR state dict (no 'head.0.weight' conv weight)")
-    n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
-    blocks = {int(m.group(1)) for k in state_dict if (m := re.fullmatch(r"body\.(\d+)\.body\.0\.weight", k))}
-    n_resblocks = len(blocks)
-    if n_resblocks == 0 or blocks != set(range(n_resblocks)):
-        raise CheckpointError(f"{source}: residual blocks body.N.body.0 missing or not numbered 0..N-1")
-    ups = [state_dict[k] for k in sorted(state_dict) if re.fullmatch(r"tail\.0\.\d+\.weight", k)]
-    if len(ups) == 1 and ups[0].shape[0] == 9 * n_feats:
-        scale = 3
-    elif ups and all(u.shape[0] == 4 * n_feats for u in ups):
-        scale = 2 ** len(ups)
-    else:
-        raise CheckpointError(f"{source}: cannot infer the scale from the upsampler convs tail.0.*")
-    # EDSR-PyTorch trains only its large model (32 x 256) with residual scaling 0.1.
-    res_scale = 0.1 if (n_resblocks, n_feats) == (32, 256) else 1.0
-    inferred = {"n_resblocks": n_resblocks, "n_feats": n_feats, "res_scale": res_scale, "scale": scale, "n_colors": n_colors}
-    return _validated(inferred, f"{source}: unsupported architecture (inferred from the shapes)")
+    """Recover an EDSR config from EDSR-PyTorch parameter names and shapes (files without metadata;
+    ``detect_family`` does this for every family)."""
+    family, config, _ = detect_family(state_dict, source)
+    if family.name != "edsr":
+        raise CheckpointError(f"{source}: not an EDSR state dict (its keys are a {family.name} network's)")
+    return _validated(config.to_dict(), f"{source}: unsupported architecture (inferred from the shapes)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

@@ -2,18 +2,22 @@
 
 Module and parameter names follow the official EDSR-PyTorch code, so its ``.pt`` state dicts
 load as they are: ``sub_mean``, ``head.0``, ``body.N.body.{0,2}``, ``body.<n_resblocks>`` (the
-last body conv), ``tail.0`` (upsampler), ``tail.1``, ``add_mean``.
+last body conv), ``tail.0`` (upsampler), ``tail.1``, ``add_mean``. BasicSR's EDSR names
+(``conv_first``, ``body.N.conv1/conv2``, ``conv_after_body``, ``upsample.K``, ``conv_last``) are
+mapped to these by ``detect``.
 """
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsesr.errors import ConfigError
+from sparsesr.errors import CheckpointError, ConfigError
+from sparsesr.models.keys import WrongFamily, conv_weight, make_config, numbered, renamed
 
 # Per-channel RGB mean of DIV2K, as used by the official EDSR checkpoints.
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -123,3 +127,44 @@ class EDSR(nn.Module):
         x = x + self.body(x)
         x = self.add_mean(self.tail(x))
         return x / self.config.rgb_range
+
+
+# BasicSR's EDSR (basicsr/archs/edsr_arch.py) -> EDSR-PyTorch names. BasicSR keeps its mean
+# (DIV2K's, with img_range 255: the same network as EDSR-PyTorch's) out of the state dict.
+BASICSR_RENAMES = [
+    (r"conv_first\.(weight|bias)", r"head.0.\1"),
+    (r"body\.(\d+)\.conv1\.(weight|bias)", r"body.\1.body.0.\2"),
+    (r"body\.(\d+)\.conv2\.(weight|bias)", r"body.\1.body.2.\2"),
+    (r"upsample\.(\d+)\.(weight|bias)", r"tail.0.\1.\2"),
+    (r"conv_last\.(weight|bias)", r"tail.1.\1"),
+]
+
+
+def detect(state_dict: dict[str, torch.Tensor]) -> tuple[EDSRConfig, dict[str, torch.Tensor]]:
+    """Config of an EDSR-PyTorch or BasicSR EDSR state dict, keys renamed to EDSR-PyTorch's."""
+    if "conv_first.weight" in state_dict and "conv_after_body.weight" in state_dict:
+        n_resblocks = numbered(state_dict, r"body\.(\d+)\.conv1\.weight", "EDSR residual blocks body.N.conv1")
+        state_dict = renamed(state_dict, BASICSR_RENAMES + [
+            (r"conv_after_body\.(weight|bias)", rf"body.{n_resblocks}.\1")])
+        for name, sign in (("sub_mean", -1), ("add_mean", +1)):
+            shift = MeanShift(255.0, sign)
+            state_dict.setdefault(f"{name}.weight", shift.weight)
+            state_dict.setdefault(f"{name}.bias", shift.bias)
+    if "head.0.weight" not in state_dict:
+        raise WrongFamily("not an EDSR state dict (expected a conv weight 'head.0.weight' (EDSR-PyTorch) "
+                          "or 'conv_first.weight' and 'conv_after_body.weight' (BasicSR))")
+    head = conv_weight(state_dict, "head.0.weight", "an EDSR")
+    n_feats, n_colors = int(head.shape[0]), int(head.shape[1])
+    n_resblocks = numbered(state_dict, r"body\.(\d+)\.body\.0\.weight", "EDSR residual blocks body.N.body.0")
+    ups = [state_dict[k] for k in sorted(state_dict) if re.fullmatch(r"tail\.0\.\d+\.weight", k)]
+    if len(ups) == 1 and ups[0].shape[0] == 9 * n_feats:
+        scale = 3
+    elif ups and all(u.shape[0] == 4 * n_feats for u in ups):
+        scale = 2 ** len(ups)
+    else:
+        raise CheckpointError("cannot infer the EDSR scale from the upsampler convs tail.0.* (upsample.*)")
+    # EDSR-PyTorch trains only its large model (32 x 256) with residual scaling 0.1 (BasicSR too).
+    res_scale = 0.1 if (n_resblocks, n_feats) == (32, 256) else 1.0
+    config = make_config(EDSRConfig, n_resblocks=n_resblocks, n_feats=n_feats, res_scale=res_scale, scale=scale,
+                         n_colors=n_colors)
+    return config, state_dict

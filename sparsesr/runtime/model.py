@@ -6,6 +6,7 @@ import os
 import torch
 from torch import nn
 
+from sparsesr.errors import BackendError
 from sparsesr.format import SparseModelFile, export_bytes, is_sparse_model_file, parse_bytes, read_file
 from sparsesr.models.edsr import EDSR, ResBlock
 from sparsesr.runtime import backends
@@ -33,6 +34,9 @@ class SparseEDSR(EDSR):
     """EDSR whose convs are ``SparseConv2d``, built from a validated ``SparseModelFile``."""
 
     def __init__(self, model_file: SparseModelFile, backend: str = "auto") -> None:
+        if model_file.family != "edsr":  # the loaders read every family; the runtime assembles EDSR only so far
+            raise BackendError(f"{model_file.source}: a {model_file.family} model; the sparse runtime runs only "
+                               "edsr models so far")
         with torch.device("meta"):  # the dense layers built here are replaced right away
             super().__init__(model_file.config)
         tensors = model_file.tensors
