@@ -1,4 +1,4 @@
-"""Run exported sparse models: ``SparseConv2d``, backend dispatch, model assembly from a file.
+"""Run exported sparse models: ``SparseConv2d``, backend dispatch, model assembly from a file (any family).
 
 >>> model = load("model.sparsesr.safetensors")          # device="auto", backend="auto"
 >>> y = model(x)                                         # x: [N, 3, H, W] RGB in [0, 1]
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from sparsesr.runtime.backends import BACKENDS, BackendError
 from sparsesr.runtime.conv import SparseConv2d
-from sparsesr.runtime.model import FusedResBlock, SparseEDSR, load
+from sparsesr.runtime.model import FusedResBlock, RuntimeModel, SparseEDSR, SparseModel, load
+from sparsesr.runtime.sparsify import sparsify
 
-__all__ = ["BACKENDS", "BackendError", "FusedResBlock", "SparseConv2d", "SparseEDSR", "load"]
+__all__ = ["BACKENDS", "BackendError", "FusedResBlock", "RuntimeModel", "SparseConv2d", "SparseEDSR", "SparseModel",
+           "load", "sparsify"]

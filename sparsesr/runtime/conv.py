@@ -98,6 +98,11 @@ class SparseConv2d(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, res_scale: float = 1.0) -> torch.Tensor:
         if self.shuffle > 1 and residual is not None:
             raise ValueError(f"{self.name}: a pixel-shuffled conv takes no residual")
+        if residual is not None and (residual.shape != (x.shape[0], self.out_channels, *x.shape[2:])
+                                     or residual.dtype != x.dtype):
+            # The kernels add a residual of the output's shape and dtype only; any other (one that
+            # broadcasts, or promotes) is added after the conv, as the unfused network would.
+            return residual.add(self(x), alpha=res_scale)
         path, reason = self._choose_path(x)
         if path == "cpu":  # the kernel stores the shuffled layout directly: no extra pass over memory
             cpu = backends.kernel("cpu")

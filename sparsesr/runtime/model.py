@@ -1,4 +1,8 @@
-"""Assemble a runnable network from an exported file: EDSR with ``SparseConv2d`` convs."""
+"""Assemble a runnable network from an exported file: any family, with ``SparseConv2d`` convs.
+
+EDSR files get ``SparseEDSR`` (hand-fused residual blocks, mean shifts folded into the first and
+last convs); every other family gets ``SparseModel`` (``sparsify``: fusions found by tracing).
+"""
 from __future__ import annotations
 
 import os
@@ -6,11 +10,55 @@ import os
 import torch
 from torch import nn
 
-from sparsesr.errors import BackendError
 from sparsesr.format import SparseModelFile, export_bytes, is_sparse_model_file, parse_bytes, read_file
 from sparsesr.models.edsr import EDSR, ResBlock
+from sparsesr.models.registry import family_of, get_family
 from sparsesr.runtime import backends
 from sparsesr.runtime.conv import SparseConv2d
+from sparsesr.runtime.sparsify import sparsify
+
+
+class RuntimeModel(nn.Module):
+    """What callers (upscaling, eval, bench) need to know of a runtime model, whatever its family.
+
+    Subclasses set ``config`` (the family's config) and ``model_file_source`` (where it came from).
+    """
+
+    config: object
+    model_file_source: str
+
+    @property
+    def family(self) -> str:
+        return family_of(self.config).name
+
+    @property
+    def scale(self) -> int:
+        return int(self.config.scale)
+
+    @property
+    def n_colors(self) -> int:
+        return int(self.config.n_colors)
+
+    @property
+    def n_feats(self) -> int:
+        """The widest feature map a conv reads, in channels (memory estimates for tiling): the
+        trunk's ``n_feats``, more where features are concatenated (RRDBNet's dense blocks)."""
+        widths = [m.in_channels for m in self.modules() if isinstance(m, (SparseConv2d, nn.Conv2d))]
+        return max([int(self.config.n_feats), *widths])
+
+    def sparse_convs(self) -> list[SparseConv2d]:
+        return [m for m in self.modules() if isinstance(m, SparseConv2d)]
+
+    def set_backend(self, backend: str) -> None:
+        """Force every layer to ``backend`` ("auto", "triton", "cpu" or "dense")."""
+        device = next(iter(self.buffers())).device.type
+        backends.check_backend(backend, device)
+        for conv in self.sparse_convs():
+            conv.backend = backend
+
+    def backend_report(self) -> dict:
+        """Per layer: layout, requested backend, the path its last call took and why; kernel availability."""
+        return {"layers": [conv.report() for conv in self.sparse_convs()], "kernels": backends.report()}
 
 
 class FusedResBlock(nn.Module):
@@ -30,13 +78,10 @@ class FusedResBlock(nn.Module):
         return self.body[2](self.body[0](x), residual=x, res_scale=self.res_scale)
 
 
-class SparseEDSR(EDSR):
-    """EDSR whose convs are ``SparseConv2d``, built from a validated ``SparseModelFile``."""
+class SparseEDSR(RuntimeModel, EDSR):
+    """EDSR whose convs are ``SparseConv2d``, built from a validated ``SparseModelFile`` of an EDSR."""
 
     def __init__(self, model_file: SparseModelFile, backend: str = "auto") -> None:
-        if model_file.family != "edsr":  # the loaders read every family; the runtime assembles EDSR only so far
-            raise BackendError(f"{model_file.source}: a {model_file.family} model; the sparse runtime runs only "
-                               "edsr models so far")
         with torch.device("meta"):  # the dense layers built here are replaced right away
             super().__init__(model_file.config)
         tensors = model_file.tensors
@@ -93,37 +138,23 @@ class SparseEDSR(EDSR):
         y = self.body[-1](self.body[:-1](y), residual=y)
         return self.tail(y)
 
-    # What callers (upscaling, eval, bench) need to know of any runtime model, whatever its family
-    # (``scale`` comes from EDSR).
-    @property
-    def family(self) -> str:
-        return "edsr"
 
-    @property
-    def n_colors(self) -> int:
-        return int(self.config.n_colors)
+class SparseModel(RuntimeModel):
+    """Any family's network with ``SparseConv2d`` convs and traced fusions (``sparsify``)."""
 
-    @property
-    def n_feats(self) -> int:
-        """The widest feature map's channels (memory estimates for tiling)."""
-        return int(self.config.n_feats)
+    def __init__(self, model_file: SparseModelFile, backend: str = "auto") -> None:
+        super().__init__()
+        self.config = model_file.config
+        with torch.device("meta"):  # every tensor comes from the file: nothing to allocate here
+            network = get_family(model_file.family).build(model_file.config)
+        self.net = sparsify(network, model_file, backend)
+        self.model_file_source = model_file.source
 
-    def sparse_convs(self) -> list[SparseConv2d]:
-        return [m for m in self.modules() if isinstance(m, SparseConv2d)]
-
-    def set_backend(self, backend: str) -> None:
-        """Force every layer to ``backend`` ("auto", "triton", "cpu" or "dense")."""
-        device = next(iter(self.buffers())).device.type
-        backends.check_backend(backend, device)
-        for conv in self.sparse_convs():
-            conv.backend = backend
-
-    def backend_report(self) -> dict:
-        """Per layer: layout, requested backend, the path its last call took and why; kernel availability."""
-        return {"layers": [conv.report() for conv in self.sparse_convs()], "kernels": backends.report()}
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
-def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backend: str = "auto") -> SparseEDSR:
+def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backend: str = "auto") -> RuntimeModel:
     """Load an exported sparsesr file (or a plain checkpoint, exported in memory) for inference.
 
     ``path``: an exported file, a checkpoint, an embedded model name (``x2``, ``x4``, ``fast``;
@@ -145,4 +176,5 @@ def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backen
             model_file = read_file(path)
         else:  # a dense or pruned checkpoint: export it in memory, keeping the auto layouts
             model_file = parse_bytes(export_bytes(path, dtype="fp32", layout="auto"), source=str(path))
-    return SparseEDSR(model_file, backend=backend).to(device).eval()
+    runtime_model = SparseEDSR if model_file.family == "edsr" else SparseModel
+    return runtime_model(model_file, backend=backend).to(device).eval()
