@@ -286,11 +286,12 @@ def test_an_exported_file_of_an_unknown_family_is_refused():
         _Validator({k: v for k, v in metadata.items() if k != "family"}, load_tensors(data), "f").run(len(data))
 
 
-def test_the_runtime_refuses_other_families_in_one_line(tmp_path):
-    from sparsesr.errors import BackendError
-    from sparsesr.runtime import load
+def test_the_runtime_runs_other_families(tmp_path):
+    from sparsesr.runtime import SparseModel, load
 
-    _, native = _reference("srvgg-prelu")
+    model, native = _reference("srvgg-prelu")
     torch.save({"params_ema": native}, tmp_path / "v.pth")
-    with pytest.raises(BackendError, match="v.pth: a srvgg model; the sparse runtime runs only edsr models"):
-        load(tmp_path / "v.pth", device="cpu")
+    sparse = load(tmp_path / "v.pth", device="cpu", backend="dense")
+    assert isinstance(sparse, SparseModel) and sparse.family == "srvgg"
+    x = torch.rand(1, 3, 5, 7)
+    assert torch.allclose(_output(sparse, x), _output(model, x), atol=1e-5)

@@ -127,6 +127,19 @@ def test_every_family_runs_like_its_pruned_dense_network(exported, case, dtype, 
     assert modules_left(sparse) == CASES[case][4]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", ["msrresnet-x4", "srvgg-prelu-x4"])
+def test_bsr_files(tmp_path, case, backend):
+    model = pruned(case)
+    save_checkpoint(tmp_path / "c.safetensors", model)
+    export(tmp_path / "c.safetensors", tmp_path / "m.safetensors", layout="bsr")
+    assert "bsr" in {layer.layout for layer in read_file(tmp_path / "m.safetensors").layers.values()}
+    sparse = sparsesr.load(tmp_path / "m.safetensors", device="cpu", backend=backend)
+    x = torch.rand(1, 3, 8, 8)
+    assert relative_error(run(sparse, x), run(model, x)) < TOLERANCE["fp32"]
+    assert fusions(sparse) == CASES[case][3]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_runtime_model_interface(exported, case):
     model, path = exported[case, "fp32"]
