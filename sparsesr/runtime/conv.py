@@ -102,7 +102,7 @@ class SparseConv2d(nn.Module):
                                      or residual.dtype != x.dtype):
             # The kernels add a residual of the output's shape and dtype only; any other (one that
             # broadcasts, or promotes) is added after the conv, as the unfused network would.
-            return residual.add(self(x), alpha=res_scale)
+            return residual.add(self.forward(x), alpha=res_scale)
         path, reason = self._choose_path(x)
         if path == "cpu":  # the kernel stores the shuffled layout directly: no extra pass over memory
             cpu = backends.kernel("cpu")

@@ -162,7 +162,8 @@ def load(path: str | os.PathLike | SparseModelFile, device: str = "auto", backen
     ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N" (else ``BackendError``).
     ``backend``: "auto" picks per layer and per call (see ``SparseConv2d``); "triton", "cpu" or
     "dense" force one path and raise ``BackendError`` if it cannot run here.
-    Returns the model in eval mode. Invalid files raise ``SparseFormatError`` / ``CheckpointError``.
+    Returns the model in eval mode: a ``SparseEDSR`` for EDSR files, a ``SparseModel`` for the other
+    families. Invalid files raise ``SparseFormatError`` / ``CheckpointError``.
     """
     from sparsesr.pretrained import resolve_model
 
