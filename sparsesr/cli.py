@@ -92,8 +92,9 @@ def _add_prune(sub) -> None:
         "it with exact zeros. Fine-tune it afterwards with `sparsesr train --set model.init=OUT` and a "
         "[prune] method = \"magnitude\" section to keep the mask fixed.",
     )
-    p.add_argument("checkpoint", help="a sparsesr or EDSR-PyTorch checkpoint, an exported file, or an "
-                   "embedded model (x2, x4, fast; an existing file of that name wins)")
+    p.add_argument("checkpoint", help="a sparsesr checkpoint, a native file of any family (EDSR-PyTorch, BasicSR, "
+                   "ESRGAN / Real-ESRGAN .pth), an exported file, or an embedded model (x2, x4, fast; an "
+                   "existing file of that name wins)")
     p.add_argument("--sparsity", type=float, required=True,
                    help="fraction of prunable weights set to zero, in [0, 1), e.g. 0.9")
     # The same as sparsesr.train.oneshot.GRANULARITIES (a test checks), written out so that

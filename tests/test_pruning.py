@@ -10,7 +10,7 @@ from torch import nn
 
 from sparsesr.errors import CheckpointError, ConfigError
 from sparsesr.pruning import (
-    build_pruner, config_from_dict, cubic_sparsity, find_prunable, one_shot_prune, sparsity_report,
+    build_pruner, config_from_dict, cubic_sparsity, find_prunable, image_convs, one_shot_prune, sparsity_report,
 )
 from sparsesr.pruning.masks import block_grid
 
@@ -80,6 +80,32 @@ def test_default_targets_skip_first_and_last_conv_and_frozen_convs() -> None:
     assert names == ["body.0.body.0", "body.0.body.2", "body.1.body.0", "body.1.body.2", "body.2", "tail.0"]
     model.head.weight.requires_grad_(False)  # a frozen conv (like EDSR's mean shift) is not "the first"
     assert [name for name, _ in find_prunable(model)][0] == "body.0.body.2"
+
+
+class OutOfOrder(nn.Module):
+    """Registers the conv that writes the output first: only running the model tells the ends apart."""
+
+    class config:  # what image_convs reads to size its probe input, as on sparsesr's families
+        n_colors = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.to_image = nn.Conv2d(8, 3, 3, padding=1)
+        self.from_image = nn.Conv2d(3, 8, 3, padding=1)
+        self.middle = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_image(self.middle(self.from_image(x)))
+
+
+def test_the_convs_left_dense_are_the_ones_that_read_and_write_the_image() -> None:
+    model = OutOfOrder().train()
+    rng_state = torch.get_rng_state()
+    assert image_convs(model) == ("from_image", "to_image")
+    assert [name for name, _ in find_prunable(model)] == ["middle.0", "middle.1"]
+    assert model.training and torch.equal(torch.get_rng_state(), rng_state)  # the probe changes nothing
+    # without config.n_colors there is nothing to probe with: registration order decides
+    assert image_convs(TinyEDSR()) == ("head", "tail.2")
 
 
 def test_include_and_exclude_regexes() -> None:

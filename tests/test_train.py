@@ -137,6 +137,7 @@ def test_init_from_another_scale_keeps_everything_but_the_upsampler(tmp_path, im
     assert not torch.equal(start["tail.0.0.weight"], parent["tail.0.0.weight"])
     assert "tail.0.2.weight" in start  # x4 has a second upsampling stage
     assert meta["init"]["transferred_from_scale"] == 2
+    assert meta["init"]["fresh"] == ["tail.0.0.bias", "tail.0.0.weight", "tail.0.2.bias", "tail.0.2.weight"]
 
     train(cfg, tmp_path / "x4", progress=False)
     ckpt = load_checkpoint(tmp_path / "x4" / "model.safetensors")

@@ -36,7 +36,8 @@ class PruneConfig:
                   the layer's RMS, then one ranking) or "uniform" (same sparsity in every layer).
     min_density:  every layer keeps at least this fraction of its weights.
     include:      regexes (re.search on module names) selecting the prunable Conv2d modules;
-                  None = every trainable Conv2d except the first and the last.
+                  None = every trainable Conv2d except the ones that read the image and
+                  write the output (``find_prunable``).
     exclude:      regexes removing modules from that selection.
     """
 

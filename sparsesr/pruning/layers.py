@@ -16,16 +16,18 @@ def find_prunable(
     """The (module name, Conv2d) pairs to prune, in registration order.
 
     Only trainable convs count (a frozen conv, e.g. a mean-shift layer, is never pruned and is not
-    "the first" either). Default: all of them except the first and the last, which map to and
-    from image space and hold few weights. ``include`` replaces that default by regexes over the
-    module names; ``exclude`` then removes matches.
+    "the first" either). Default: all of them except the conv that reads the image and the one
+    that writes the output (``image_convs``), which hold few weights and are the most sensitive.
+    ``include`` replaces that default by regexes over the module names; ``exclude`` then removes
+    matches.
     """
     convs = [
         (name, module) for name, module in model.named_modules()
         if isinstance(module, nn.Conv2d) and module.weight.requires_grad
     ]
     if include is None:
-        selected = convs[1:-1]
+        ends = set(image_convs(model, convs)) if convs else set()
+        selected = [(n, m) for n, m in convs if n not in ends]
     else:
         selected = [(n, m) for n, m in convs if any(re.search(p, n) for p in include)]
     selected = [(n, m) for n, m in selected if not any(re.search(p, n) for p in exclude)]
@@ -35,6 +37,48 @@ def find_prunable(
             f"the model's trainable Conv2d modules are: {[n for n, _ in convs] or 'none'}"
         )
     return selected
+
+
+def image_convs(model: nn.Module, convs: list[tuple[str, nn.Conv2d]] | None = None) -> tuple[str, str]:
+    """Names of the first and the last of ``convs`` (default: the trainable ones) that a forward
+    pass runs: the conv that reads the image and the one that writes the output.
+
+    Found by running ``model`` once on an 8x8 zero image with hooks on the convs, so any
+    architecture is read correctly (EDSR ``head.0`` / ``tail.1``, MSRResNet and RRDBNet
+    ``conv_first`` / ``conv_last``, SRVGG ``body.0`` / its last conv). That needs the number of
+    image channels: ``model.config.n_colors``, which every sparsesr family has. Without it, or if
+    that forward pass fails, the first and last in registration order are taken.
+    """
+    if convs is None:
+        convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad]
+    order = _forward_order(model, convs)
+    names = order or [name for name, _ in convs]
+    return names[0], names[-1]
+
+
+def _forward_order(model: nn.Module, convs: list[tuple[str, nn.Conv2d]]) -> list[str]:
+    """The names of ``convs`` in the order one forward pass runs them ([] if it cannot be run)."""
+    channels = getattr(getattr(model, "config", None), "n_colors", None)
+    if not isinstance(channels, int) or not convs:
+        return []
+    weight = convs[0][1].weight
+    if weight.device.type == "meta":
+        return []
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda *_, name=name: order.append(name)) for name, m in convs]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            # Zeros, not random values: probing must not consume the caller's random stream.
+            model(torch.zeros(1, channels, 8, 8, dtype=weight.dtype, device=weight.device))
+    except (RuntimeError, ValueError, TypeError):
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return order
 
 
 def layer_entry(shape: Iterable[int], numel: int, nonzeros: int) -> dict:

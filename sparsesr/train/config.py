@@ -5,7 +5,8 @@ wrong thing, and every value is checked against its field's type and range (one-
 ``ConfigError`` naming the key). ``[prune]`` is kept as a plain dict and checked by
 ``sparsesr.pruning.config_from_dict``.
 
-    [model]  arch, scale, init (a checkpoint to start from: fine-tuning / pruning)
+    [model]  arch (a preset of any family), scale, init (a checkpoint to start from: fine-tuning /
+             pruning), init_other_scale, size overrides (n_feats, n_resblocks, num_block, ...)
     [data]   train (folders), holdout, patch_size, val_crop
     [train]  iterations, batch_size, lr, betas, schedule, milestones, gamma, min_lr,
              ema, val_every, save_every, log_every, seed, threads
@@ -35,6 +36,14 @@ else:  # pragma: no cover
 from sparsesr.errors import ConfigError
 
 SCHEDULES = ("cosine", "multistep", "constant")
+SCALES = (2, 3, 4)  # what the data pipeline makes; a family may support fewer (RRDBNet: 2 and 4)
+# [model] keys that override a preset's sizes, each a field of some family's config; a preset
+# takes only its own family's (EDSR n_resblocks; MSRResNet, RRDBNet num_block; RRDBNet num_grow_ch;
+# SRVGG num_conv; all n_feats).
+SIZE_KEYS = ("n_resblocks", "n_feats", "num_block", "num_grow_ch", "num_conv")
+# Added after config.json files existed: left out of to_dict() while unset, so a run that does not
+# use them writes (and compares on resume) the same config.json as before.
+_LATER_SIZE_KEYS = ("num_block", "num_grow_ch", "num_conv")
 # Settings that may differ between the legs of a resumed run: they choose how the machine runs
 # the job, not what is trained. Everything else must match the run's saved config.json.
 RESUME_MAY_CHANGE = ("train.threads",)
@@ -45,9 +54,17 @@ class ModelSection:
     arch: str = "edsr-cpu"
     scale: int = 2
     init: str | None = None  # checkpoint to start from (fine-tuning, pruning a trained model)
-    init_other_scale: bool = False  # allow `init` of another scale: all but its upsampler is loaded
-    n_resblocks: int | None = None  # override the preset's depth / width (small test models)
-    n_feats: int | None = None
+    init_other_scale: bool = False  # allow `init` of another scale: all but its scale-dependent tensors are loaded
+    # Override the preset's sizes (small test models); None = the preset's. See SIZE_KEYS.
+    n_resblocks: int | None = None  # EDSR
+    n_feats: int | None = None  # every family
+    num_block: int | None = None  # MSRResNet, RRDBNet
+    num_grow_ch: int | None = None  # RRDBNet
+    num_conv: int | None = None  # SRVGG
+
+    def sizes(self) -> dict[str, int]:
+        """The size overrides that are set, as ``preset_config`` keyword arguments."""
+        return {k: v for k in SIZE_KEYS if (v := getattr(self, k)) is not None}
 
 
 @dataclass
@@ -102,7 +119,11 @@ class TrainConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        as_dict = dataclasses.asdict(self)
+        for key in _LATER_SIZE_KEYS:
+            if as_dict["model"][key] is None:
+                del as_dict["model"][key]
+        return as_dict
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection}
@@ -329,19 +350,12 @@ def _at_least(key: str, value: int | float, minimum: int | float) -> None:
 
 
 def _check_ranges(cfg: TrainConfig) -> None:
-    from sparsesr.models import list_archs
-    from sparsesr.models.edsr import SUPPORTED_SCALES
-
     m, d, t = cfg.model, cfg.data, cfg.train
-    if m.arch not in list_archs():
-        raise ConfigError(f"model.arch: expected one of {', '.join(list_archs())}, got {m.arch!r}")
-    if m.scale not in SUPPORTED_SCALES:
-        raise ConfigError(f"model.scale: expected one of {', '.join(map(str, SUPPORTED_SCALES))}, got {m.scale!r}")
+    if m.scale not in SCALES:
+        raise ConfigError(f"model.scale: expected one of {', '.join(map(str, SCALES))}, got {m.scale!r}")
     if m.init is not None and not m.init.strip():
         raise ConfigError("model.init: expected a checkpoint path, got an empty string")
-    for key in ("n_resblocks", "n_feats"):
-        if getattr(m, key) is not None:
-            _at_least(f"model.{key}", getattr(m, key), 1)
+    _check_model(m)
     if not d.train or not all(p.strip() for p in d.train):
         raise ConfigError(f"data.train: expected one or more folder paths, got {d.train!r}")
     _at_least("data.holdout", d.holdout, 0)
@@ -366,6 +380,25 @@ def _check_ranges(cfg: TrainConfig) -> None:
         raise ConfigError(f"train.min_lr: the cosine floor must not exceed train.lr ({t.lr:g}), got {t.min_lr:g}")
     if not 0.0 <= t.ema < 1.0:
         raise ConfigError(f"train.ema: must be in [0, 1), got {t.ema!r}")
+
+
+def _check_model(m: ModelSection) -> None:
+    """The preset exists, takes the size overrides given, and builds at ``m.scale``."""
+    from sparsesr.models import PRESETS, family_of, list_archs, preset_config
+
+    if m.arch not in list_archs():
+        raise ConfigError(f"model.arch: expected one of {', '.join(list_archs())}, got {m.arch!r}")
+    preset = PRESETS[m.arch]
+    own = [f.name for f in dataclasses.fields(preset) if f.name in SIZE_KEYS]
+    for key, value in m.sizes().items():
+        if key not in own:
+            raise ConfigError(f"model.{key}: not a size of {m.arch!r} ({family_of(preset).name} family); "
+                              f"its sizes are {', '.join(own)}")
+        _at_least(f"model.{key}", value, 1)
+    try:  # the family's own limits, e.g. RRDBNet only x2 and x4
+        preset_config(m.arch, m.scale, **m.sizes())
+    except ConfigError as exc:
+        raise ConfigError(f"model.arch {m.arch!r} at model.scale {m.scale}: {exc}") from None
 
 
 def _check_prune(prune: dict[str, Any]) -> None:

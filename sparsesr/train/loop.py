@@ -27,6 +27,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,9 +37,9 @@ from tqdm import tqdm
 
 from sparsesr.errors import CheckpointError, ConfigError, TrainingError
 from sparsesr.fileio import atomic_write_bytes, sha256_of
-from sparsesr.models import build_model, model_from_config
+from sparsesr.models import PRESETS, build_model, family_of, model_from_config
 from sparsesr.models.checkpoint import load_checkpoint, load_state_dict_strict, save_checkpoint
-from sparsesr.train.config import TrainConfig, check_resume_config, read_saved_config
+from sparsesr.train.config import SCALES, TrainConfig, check_resume_config, read_saved_config
 from sparsesr.train.runlog import append_record, truncate_log, write_log
 from sparsesr.train.state import first_non_finite, load_train_state, save_train_state
 
@@ -226,25 +227,57 @@ def _batch(dataset, step: int, rank: int, world: int, batch_size: int) -> tuple[
 
 def _initial_model(cfg: TrainConfig) -> tuple[nn.Module, dict]:
     if not cfg.model.init:
-        sizes = {k: v for k in ("n_resblocks", "n_feats") if (v := getattr(cfg.model, k)) is not None}
-        return build_model(cfg.model.arch, cfg.model.scale, **sizes), {}
+        return build_model(cfg.model.arch, cfg.model.scale, **cfg.model.sizes()), {}
     ckpt = load_checkpoint(cfg.model.init)
     init = {"path": str(cfg.model.init), "sha256": sha256_of(cfg.model.init)}
+    arch_family = family_of(PRESETS[cfg.model.arch]).name
+    if ckpt.family != arch_family:  # the run's config.json would otherwise name the wrong network
+        raise ConfigError(f"model.init {cfg.model.init} is a {ckpt.family} checkpoint, but model.arch "
+                          f"{cfg.model.arch!r} is {arch_family}; set model.arch to a {ckpt.family} preset")
     if ckpt.config.scale == cfg.model.scale:
         model = model_from_config(ckpt.config)
         load_state_dict_strict(model, ckpt.state_dict, source=cfg.model.init)
         return model, {"init": init}
     if not cfg.model.init_other_scale:
         raise ConfigError(f"model.init {cfg.model.init} is a x{ckpt.config.scale} model, but model.scale is "
-                          f"{cfg.model.scale} (set model.init_other_scale = true to start from it without its upsampler)")
-    # A model of another scale shares everything but the upsampler (the usual way to start x4
-    # from x2): load those weights and leave the new upsampler freshly initialised.
-    model = model_from_config(dataclasses.replace(ckpt.config, scale=cfg.model.scale))
-    fresh = {k: v for k, v in model.state_dict().items() if k.startswith("tail.0.")}
-    load_state_dict_strict(model, {**{k: v for k, v in ckpt.state_dict.items() if not k.startswith("tail.0.")}, **fresh},
+                          f"{cfg.model.scale} (set model.init_other_scale = true to start from it without its "
+                          "scale-dependent tensors, e.g. the upsampler)")
+    # A model of another scale shares everything but the tensors whose shapes depend on the scale
+    # (the usual way to start x4 from x2): load the rest and leave those freshly initialised.
+    config = dataclasses.replace(ckpt.config, scale=cfg.model.scale)  # the family's scales: checked with model.arch
+    model = model_from_config(config)
+    fresh = scale_dependent_keys(config)
+    kept = {k: v for k, v in ckpt.state_dict.items() if k not in fresh}
+    load_state_dict_strict(model, {**kept, **{k: v for k, v in model.state_dict().items() if k in fresh}},
                            source=cfg.model.init)
     init["transferred_from_scale"] = ckpt.config.scale
+    init["fresh"] = sorted(fresh & set(model.state_dict()))
     return model, {"init": init}
+
+
+def scale_dependent_keys(config: Any) -> set[str]:
+    """State-dict keys of ``config``'s family whose tensors depend on the scale (missing at some
+    scale the family supports, or shaped differently there), with the rest of their module, so a
+    layer starts over whole. EDSR and MSRResNet: the upsampler; SRVGG: the last conv; RRDBNet: the
+    first conv, which reads the pixel-unshuffled input at x2.
+
+    Found by comparing the structures at every supported scale (built on the meta device), so a
+    family needs no list of its own; and per family rather than per pair of scales, so x2 -> x4
+    gets a whole new upsampler even where its first stage has the x2 shape.
+    """
+    from sparsesr.format.spec import expected_structure
+
+    structures = []
+    for scale in SCALES:
+        try:
+            structures.append(expected_structure(dataclasses.replace(config, scale=scale))[1])
+        except ConfigError:  # a scale this family does not support
+            continue
+    everywhere = set.intersection(*(set(s) for s in structures))
+    stable = {k for k in everywhere if len({s[k] for s in structures}) == 1}
+    keys = set.union(*(set(s) for s in structures))
+    modules = {k.rpartition(".")[0] for k in keys - stable}
+    return {k for k in keys if k.rpartition(".")[0] in modules}
 
 
 def _build_pruner(model: nn.Module, options: dict):

@@ -51,7 +51,8 @@ def prune_checkpoint(
         "source": {"path": str(path), "sha256": sha256_of(path)} if path else None,
         "report": report,
     }
-    keep = {k: v for k, v in ckpt.metadata.items() if k not in ("format", "arch", "config", "pruning")}
+    # What describes the network (family, preset, config) is written anew from the model.
+    keep = {k: v for k, v in ckpt.metadata.items() if k not in ("format", "family", "arch", "config", "pruning")}
     save_checkpoint(out, model, {**keep, "pruning": pruning})
     return report
 
