@@ -20,7 +20,7 @@ from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
 import sparsesr.upscaling as upscaling
-from sparsesr.upscaling import Upscaler, fill_transparent, upscale_files
+from sparsesr.upscaling import UpscaleEngine, UpscaleOptions, fill_transparent, upscale_files
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,10 @@ def _save(path, mode="RGB", size=(24, 20), seed=0, **params):
     return path
 
 
+def _engine(model=None, warn=None, **options) -> UpscaleEngine:
+    return UpscaleEngine.load(model, UpscaleOptions(**options), warn=warn)
+
+
 def _run(*args) -> int:
     return main(["upscale", "-q", *map(str, args)])
 
@@ -79,7 +83,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(upscaling.Upscaler, "__init__", refuse)
+    monkeypatch.setattr(UpscaleEngine, "load", refuse)
 
 
 @pytest.fixture
@@ -88,7 +92,7 @@ def no_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(upscaling.Upscaler, "run_rgb", refuse)
+    monkeypatch.setattr(UpscaleEngine, "run_rgb", refuse)
 
 
 # --- modes, bit depth, metadata ---------------------------------------------------------------
@@ -312,7 +316,7 @@ def test_tiled_run_matches_the_untiled_one(tmp_path):
 
 
 def test_half_precision_falls_back_on_non_finite_values(monkeypatch):
-    upscaler = Upscaler(warn=warnings_seen.append)
+    upscaler = _engine(warn=warnings_seen.append)
     upscaler.dtype = torch.bfloat16  # as on a CPU with a fast bf16 path (else bf16 is run as fp32)
     real = upscaler._network
 
@@ -555,8 +559,8 @@ def test_an_animated_input_warns_once_and_gives_a_still_image(tmp_path, capsys, 
     with PILImage.open(tmp_path / name) as im:
         assert im.n_frames == 3
     order = []
-    real = upscaling.Upscaler.upscale_image
-    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", lambda self, *a, **k: order.append("model") or real(self, *a, **k))
+    real = UpscaleEngine.upscale_image
+    monkeypatch.setattr(UpscaleEngine, "upscale_image", lambda self, *a, **k: order.append("model") or real(self, *a, **k))
     assert main(["upscale", "-q", str(tmp_path / name)]) == 0
     line = _one_error_line(capsys)
     assert line == f"warning: {tmp_path / name} has 3 frames; only the first is upscaled"
@@ -625,14 +629,14 @@ def test_stale_temp_files_in_the_output_folder_are_removed(tmp_path):
 
 def _another_run_writes(monkeypatch, target, data=b"the other run's output"):
     """While this run computes, another one writes ``target``."""
-    real = upscaling.Upscaler.upscale_image
+    real = UpscaleEngine.upscale_image
 
     def racing(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         target.write_bytes(data)
         return out
 
-    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", racing)
+    monkeypatch.setattr(UpscaleEngine, "upscale_image", racing)
 
 
 @pytest.mark.parametrize("links", [True, False])
@@ -731,7 +735,7 @@ def test_the_summary_counts_every_run_of_every_layer(tmp_path, capsys, monkeypat
 def test_the_summary_reports_the_half_precision_run():
     # The default on CUDA (fp16) runs a half-precision copy of the network; on CPU bf16 is forced
     # here as on a CPU with a fast bf16 path. Its layers are the ones that ran, not "not run".
-    upscaler = Upscaler()
+    upscaler = _engine()
     upscaler.dtype = torch.bfloat16
     upscaler.upscale_pixels(torch.rand(3, 8, 8))
     assert upscaler._half_net is not None
@@ -791,7 +795,7 @@ def test_pruned_model_via_the_api_matches_the_dense_model(pruned_files, sparse_k
     x = torch.rand(3, 13, 11)
     with torch.no_grad():
         reference = model(x[None])[0].clamp(0, 1)
-    upscaler = Upscaler(folder / "pruned.sparsesr.safetensors", backend="sparse")
+    upscaler = _engine(folder / "pruned.sparsesr.safetensors", backend="sparse")
     out = sparsesr.upscale(x, model=upscaler)
     assert (out - reference).abs().max() < 1e-4
     paths = [row["path"] for row in upscaler.net.backend_report()["layers"]]
