@@ -13,7 +13,7 @@ from PIL import ImageCms
 
 import sparsesr
 from sparsesr.cli import main
-from sparsesr.data.image_io import Image, read_image, write_image
+from sparsesr.data.image_io import Image, read_image, to_uint8, write_image
 from sparsesr.errors import SparseSRError
 from sparsesr.format import export
 from sparsesr.models import build_model
@@ -695,6 +695,101 @@ def test_api_scale_defaults_to_the_models_own(embedded, model_files, api):
     assert fn(x, model=model_files / "tiny4.sparsesr.safetensors").shape == (3, 20, 24)
     assert fn(x).shape == (3, 10, 12)  # no model: the default x2
     assert fn(x, model="x4", scale=2).shape == (3, 10, 12)
+
+
+@pytest.mark.parametrize("name, factor", [("x4", 4), ("x2", 2), ("fast", 2)])
+def test_api_an_embedded_model_gives_its_own_scale(embedded, model_files, name, factor):
+    shutil.copy(model_files / "tiny4.sparsesr.safetensors", embedded / EMBEDDED_MODELS["x4"].filename)
+    assert sparsesr.upscale(torch.rand(3, 5, 6), model=name).shape == (3, 5 * factor, 6 * factor)
+    assert sparsesr.upscale(PILImage.new("RGB", (6, 5)), model=name).size == (6 * factor, 5 * factor)
+    assert sparsesr.upscale(np.zeros((5, 6, 3), np.uint8), model=name).shape == (5 * factor, 6 * factor, 3)
+
+
+def test_api_a_scale_the_engine_does_not_do_is_one_clear_error(model_files):
+    engine = _engine(model_files / "tiny4.sparsesr.safetensors")
+    x = torch.rand(3, 5, 6)
+    assert sparsesr.upscale(x, model=engine).shape == (3, 20, 24)
+    assert sparsesr.upscale(x, model=engine, scale=4).shape == (3, 20, 24)
+    with pytest.raises(SparseSRError, match=r"^scale=2 was asked for, but the engine given as model= upscales x4$"):
+        sparsesr.upscale(x, model=engine, scale=2)
+    with pytest.raises(SparseSRError, match=r"^model= is an UpscaleEngine, which has its own options; got tile too$"):
+        sparsesr.upscale(x, model=engine, tile=64)
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"scale": 0}, "--scale must be in (0, 16], got 0"),
+    ({"scale": float("nan")}, "--scale must be in (0, 16], got nan"),
+    ({"scale": "two"}, "--scale must be a number, got 'two'"),
+    ({"scale": True}, "--scale must be a number, got True"),
+    ({"tile": 8}, "--tile must be 0 (automatic) or at least 16, got 8"),
+    ({"tile": 1.5}, "--tile must be an integer, got 1.5"),
+    ({"tile_pad": -1}, "--tile and --tile-pad must be >= 0, got 0 and -1"),
+    ({"backend": "triton"}, "--backend must be auto, sparse or dense, got 'triton'"),
+    ({"precision": "fp8"}, "--precision must be auto, fp32, fp16 or bf16, got 'fp8'"),
+    ({"alpha": "none"}, "--alpha must be bicubic or model, got 'none'"),
+    ({"device": 0}, "--device must be a string such as auto, cpu or cuda:0, got 0"),
+    ({"quality": 0}, "--quality must be an integer from 1 to 100, got 0"),
+    ({"ext": "gif"}, "--ext must be auto or one of png, jpg, webp, tiff, got 'gif'"),
+    ({"suffix": "a/b"}, "--suffix must not contain a path separator, got 'a/b'"),
+    ({"overwrite": True, "skip_existing": True}, "--overwrite and --skip-existing cannot be used together"),
+])
+def test_options_are_checked_when_made(kwargs, line):
+    with pytest.raises(SparseSRError) as info:
+        UpscaleOptions(**kwargs)
+    assert str(info.value) == line
+
+
+def test_options_are_one_frozen_object_and_unknown_names_are_one_line(no_model):
+    from dataclasses import FrozenInstanceError
+
+    options = UpscaleOptions(scale="2.5", tile=64)
+    assert options.scale == 2.5 and options == UpscaleOptions(scale=2.5, tile=64)  # normalised, comparable
+    with pytest.raises(FrozenInstanceError):
+        options.tile = 32
+    with pytest.raises(SparseSRError, match=r"^unknown upscale option 'tiles'; the options are scale, device, "):
+        UpscaleOptions.from_kwargs({"tiles": 4})
+    with pytest.raises(SparseSRError, match=r"^unknown upscale option 'quality'; the options are scale, device, "
+                                            r"precision, backend, tile, tile_pad, alpha$"):
+        sparsesr.upscale(torch.rand(3, 4, 4), quality=50)  # a file option: no use to the Python API
+    with pytest.raises(SparseSRError, match="--scale must be in"):
+        sparsesr.upscale(torch.rand(3, 4, 4), scale=-1)  # checked before any model loads (no_model)
+
+
+class _NearestX3(torch.nn.Module):
+    """Not a runtime model and no ``config``: only the attributes the engine may read."""
+
+    scale, n_colors, n_feats = 3, 3, 8
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=3, mode="nearest")
+
+
+def test_the_engine_needs_only_the_runtime_attributes():
+    engine = UpscaleEngine(_NearestX3(), UpscaleOptions(tile=16, tile_pad=8))
+    assert not hasattr(engine.net, "config") and engine.scale == 3
+    x = torch.rand(3, 20, 37)
+    expected = torch.nn.functional.interpolate(x[None], scale_factor=3, mode="nearest")[0]
+    assert torch.allclose(engine.upscale_pixels(x), expected, atol=1e-6)  # tiled: 2 x 3 tiles
+    assert torch.equal(engine.upscale_pixels(x, bit_depth=8), to_uint8(expected))
+    assert sparsesr.upscale(x, model=engine).shape == (3, 60, 111)
+    assert engine.backend_summary() == "_NearestX3 on cpu"
+    resized = UpscaleEngine(_NearestX3(), UpscaleOptions(scale=1.5))
+    assert resized.upscale_pixels(x).shape == (3, 30, 56)
+
+
+def test_the_engine_refuses_a_model_that_is_not_rgb():
+    gray = _NearestX3()
+    gray.n_colors = 1
+    with pytest.raises(SparseSRError, match=r"^the model takes 1 colour channels; upscaling runs RGB"):
+        UpscaleEngine(gray)
+
+
+def test_the_old_module_names_are_gone():
+    import importlib
+
+    with pytest.raises(ImportError):
+        importlib.import_module("sparsesr.upscalers")
+    assert not hasattr(upscaling, "Upscaler")
 
 
 # --- small ones -----------------------------------------------------------------------------------
