@@ -58,7 +58,8 @@ def _add_eval(sub) -> None:
         description="Score a model on folders of HR images: LR made with MATLAB-style bicubic, PSNR and "
         "SSIM on the Y channel (BT.601) with `scale` pixels cropped, as in the published tables.",
     )
-    p.add_argument("--model", "-m", default="bicubic", help="'bicubic', a checkpoint (any family), an exported sparse file, or an embedded model "
+    p.add_argument("--model", "-m", default="bicubic",
+                   help="'bicubic', a checkpoint (any family), an exported sparse file, or an embedded model "
                    "(x2, x4, fast); models run on the sparse runtime")
     p.add_argument("--data", "-d", nargs="+", required=True, metavar="DIR", help="folders of HR images (one row each)")
     p.add_argument("--scale", "-s", type=int, choices=(2, 3, 4), help="upscaling factor (default: the model's; 2 for bicubic)")
