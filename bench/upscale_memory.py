@@ -1,10 +1,10 @@
-"""Peak RSS of one ``Upscaler`` upscale of a large image, measured in a fresh process.
+"""Peak RSS of one ``UpscaleEngine`` upscale of a large image, measured in a fresh process.
 
     python bench/upscale_memory.py --size 4000x3000 [--tile 0] [--path file|pixels|uint8] [--threads 2]
 
-``--path file`` is what ``sparsesr upscale`` does after decoding: ``Upscaler.upscale_image`` and
+``--path file`` is what ``sparsesr upscale`` does after decoding: ``UpscaleEngine.upscale_image`` and
 ``write_image`` to a PNG, the pixels quantized band by band into the 8-bit storage the PNG holds.
-``pixels`` stops at ``Upscaler.upscale_pixels`` (float output), ``uint8`` at
+``pixels`` stops at ``UpscaleEngine.upscale_pixels`` (float output), ``uint8`` at
 ``upscale_pixels(..., bit_depth=8)`` (the quantized storage, not encoded).
 The input is random float32 pixels [3, H, W], as ``read_image`` returns them. The child resets
 its peak (``/proc/self/clear_refs``) after importing torch and loading the model, so the reported
@@ -35,9 +35,9 @@ def status(field):
 
 
 from sparsesr.data.image_io import Image, stored_bit_depth, write_image
-from sparsesr.upscaling import Upscaler
+from sparsesr.upscaling import UpscaleEngine, UpscaleOptions
 
-upscaler = Upscaler(model=args["model"], device="cpu", tile=args["tile"], tile_pad=args["tile_pad"])
+upscaler = UpscaleEngine.load(args["model"], UpscaleOptions(device="cpu", tile=args["tile"], tile_pad=args["tile_pad"]))
 torch.manual_seed(0)
 pixels = torch.rand(3, args["height"], args["width"])
 with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS, so the peak is the upscale's own

@@ -14,8 +14,8 @@ def load(path, device: str = "auto", backend: str = "auto"):
 
 def upscale(image, scale: float | None = None, model=None, **options):
     """Upscale a PIL image, a NumPy array (HWC uint8/uint16/float) or a tensor (CHW/NCHW float);
-    returns the same kind. ``scale`` None is the model's own (the embedded x2 without ``model``).
-    See ``sparsesr.upscaling.upscale`` for ``model`` and ``options``."""
+    returns the same kind. ``scale`` None is the model's own (``model="x4"``: x4; the embedded x2
+    without ``model``). See ``sparsesr.upscaling.upscale`` for ``model`` and ``options``."""
     from sparsesr.upscaling import upscale as _upscale
 
     return _upscale(image, scale=scale, model=model, **options)

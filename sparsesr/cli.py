@@ -58,9 +58,12 @@ def _add_eval(sub) -> None:
         description="Score a model on folders of HR images: LR made with MATLAB-style bicubic, PSNR and "
         "SSIM on the Y channel (BT.601) with `scale` pixels cropped, as in the published tables.",
     )
-    p.add_argument("--model", "-m", default="bicubic", help="'bicubic', a checkpoint, an exported sparse file, or an embedded model (x2, x4, fast)")
+    p.add_argument("--model", "-m", default="bicubic",
+                   help="'bicubic', a checkpoint (any family), an exported sparse file, or an embedded model "
+                   "(x2, x4, fast); models run on the sparse runtime")
     p.add_argument("--data", "-d", nargs="+", required=True, metavar="DIR", help="folders of HR images (one row each)")
     p.add_argument("--scale", "-s", type=int, choices=(2, 3, 4), help="upscaling factor (default: the model's; 2 for bicubic)")
+    p.add_argument("--device", default="auto", help="where a model runs: auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--json", action="store_true", help="print {dataset: {psnr, ssim, images}} as JSON")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_eval)
@@ -69,15 +72,14 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     import json
 
-    from sparsesr.evaluate import evaluate
-    from sparsesr.upscalers import resolve_upscaler
+    from sparsesr.evaluate import evaluate, load_eval_model
 
-    upscaler = resolve_upscaler(args.model, args.scale)
-    results = evaluate(upscaler.fn, args.data, upscaler.scale, progress=not args.quiet)
+    model = load_eval_model(args.model, args.scale, device=args.device)
+    results = evaluate(model.fn, args.data, model.scale, progress=not args.quiet)
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    print(f"{upscaler.description}")
+    print(model.description)
     print(f"{'dataset':<12} {'images':>6} {'PSNR':>8} {'SSIM':>7}")
     for name, row in results.items():
         print(f"{name:<12} {row['images']:>6} {row['psnr']:>8.2f} {row['ssim']:>7.4f}")

@@ -4,11 +4,16 @@ For every HR image: crop to a multiple of the scale, make the LR input with the 
 bicubic and round it to 8 bits, run the upscaler, clamp and round its output to 8 bits, then
 score Y PSNR/SSIM with ``scale`` border pixels cropped (see docs/evaluation.md). Grayscale images
 go through the upscaler as a 3-channel replica and are scored on their single channel.
+
+``load_eval_model`` turns ``sparsesr eval --model`` into the function that is scored: ``bicubic``,
+or any model ``sparsesr.load`` takes, run on the sparse runtime (as ``sparsesr upscale`` runs it).
 """
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,18 +22,19 @@ from tqdm import tqdm
 from sparsesr.data.datasets import SRImageDataset, list_images
 from sparsesr.data.image_io import quantize
 from sparsesr.data.resize import imresize
-from sparsesr.errors import ConfigError
+from sparsesr.errors import ConfigError, SparseSRError
 from sparsesr.metrics import psnr, ssim
 
-__all__ = ["evaluate", "score_pair", "bicubic_upscaler", "format_table", "Upscaler"]
+__all__ = ["EvalModel", "UpscaleFn", "bicubic_upscaler", "evaluate", "format_table", "load_eval_model", "score_pair"]
 
-Upscaler = Callable[[torch.Tensor], torch.Tensor]
+# lr [1, 3, h, w] in [0, 1] -> sr [1, 3, h*s, w*s]: all that evaluation needs of a model.
+UpscaleFn = Callable[[torch.Tensor], torch.Tensor]
 
 # Luma weights (BT.601, summing to 1) to turn a model's RGB output for a gray input back to gray.
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def bicubic_upscaler(scale: int | float) -> Upscaler:
+def bicubic_upscaler(scale: int | float) -> UpscaleFn:
     """An upscaler that is MATLAB bicubic interpolation (the published 'Bicubic' baseline)."""
 
     def upscale(lr: torch.Tensor) -> torch.Tensor:
@@ -37,8 +43,42 @@ def bicubic_upscaler(scale: int | float) -> Upscaler:
     return upscale
 
 
+@dataclass(frozen=True)
+class EvalModel:
+    """What ``sparsesr eval --model`` scores: the function, its scale, and a line naming it."""
+
+    fn: UpscaleFn
+    scale: int
+    description: str
+    net: torch.nn.Module | None = None  # the runtime model (None for bicubic)
+
+
+def load_eval_model(spec: str, scale: int | None = None, device: str = "auto") -> EvalModel:
+    """``bicubic`` (at ``scale``, default 2), or what ``sparsesr.load`` takes (an embedded name, an
+    exported file, a checkpoint of any family the runtime runs) on the sparse runtime. A ``scale``
+    other than the model's own is an error: published tables score a model at its own scale."""
+    if spec == "bicubic":
+        scale = scale or 2
+        return EvalModel(bicubic_upscaler(scale), scale, f"bicubic x{scale}")
+    import sparsesr
+    from sparsesr.pretrained import resolve_model
+
+    path = resolve_model(spec, also=("bicubic",))  # resolved here so that a bad name lists bicubic too
+    net = sparsesr.load(path, device=device)
+    model_scale = int(net.scale)
+    if scale is not None and scale != model_scale:
+        raise SparseSRError(f"{spec} is a x{model_scale} model, but --scale {scale} was asked for")
+    on = next(itertools.chain(net.parameters(), net.buffers())).device
+
+    @torch.no_grad()
+    def run(lr: torch.Tensor) -> torch.Tensor:
+        return net(lr.to(on))
+
+    return EvalModel(run, model_scale, f"{path.name} ({net.family} x{model_scale}, sparse runtime on {on})", net)
+
+
 @torch.no_grad()
-def score_pair(upscaler: Upscaler, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> tuple[float, float]:
+def score_pair(upscaler: UpscaleFn, lr: torch.Tensor, hr: torch.Tensor, scale: int) -> tuple[float, float]:
     """(PSNR, SSIM) of one image: ``lr`` [C,h,w] and ``hr`` [C,H,W] as SRImageDataset returns them.
 
     C = 1 (grayscale) is fed to the upscaler as 3 identical channels and scored on one channel.
@@ -59,7 +99,7 @@ def score_pair(upscaler: Upscaler, lr: torch.Tensor, hr: torch.Tensor, scale: in
 
 
 def evaluate(
-    upscaler: Upscaler,
+    upscaler: UpscaleFn,
     folders: str | os.PathLike | Iterable[str | os.PathLike],
     scale: int,
     progress: bool = True,

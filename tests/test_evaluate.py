@@ -10,8 +10,8 @@ import torch
 from sparsesr.data.datasets import crop_to_multiple, make_lr
 from sparsesr.data.image_io import quantize, read_image, write_image
 from sparsesr.data.resize import imresize
-from sparsesr.errors import ConfigError
-from sparsesr.evaluate import bicubic_upscaler, evaluate
+from sparsesr.errors import ConfigError, SparseSRError
+from sparsesr.evaluate import bicubic_upscaler, evaluate, load_eval_model
 from sparsesr.metrics import psnr, ssim
 
 from conftest import SHARED_DATA, SHARED_DATA_SKIP
@@ -76,6 +76,51 @@ def test_wrong_output_size_and_duplicate_names_are_errors(bench, tmp_path):
         evaluate(bicubic_upscaler(2), [bench, other], 2, progress=False)
 
 
+# --- which model eval runs ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from sparsesr.models import build_model
+    from sparsesr.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_checkpoint(path, build_model("edsr-cpu", 2, n_resblocks=1, n_feats=8))
+    return path
+
+
+def test_a_checkpoint_runs_on_the_sparse_runtime(checkpoint, bench):
+    """One loader for eval and upscale: a checkpoint is the runtime's model (exported in memory),
+    not the dense training module, and it scores what the dense module scores."""
+    import sparsesr
+    from sparsesr.models.checkpoint import load_model
+
+    model = load_eval_model(str(checkpoint), device="cpu")
+    assert type(model.net) is type(sparsesr.load(checkpoint, device="cpu"))
+    assert type(model.net).__module__.startswith("sparsesr.runtime")
+    assert model.scale == 2 and "sparse runtime on cpu" in model.description
+    dense = load_model(checkpoint).eval()
+    with torch.no_grad():
+        reference = evaluate(dense, [bench], 2, progress=False)["Tiny"]
+    got = evaluate(model.fn, [bench], 2, progress=False)["Tiny"]
+    assert got["psnr"] == pytest.approx(reference["psnr"], abs=1e-3)
+
+
+def test_eval_model_scale_and_bicubic(checkpoint):
+    assert load_eval_model("bicubic").scale == 2 and load_eval_model("bicubic", 3).scale == 3
+    assert load_eval_model("bicubic").net is None
+    with pytest.raises(SparseSRError, match=r"is a x2 model, but --scale 4 was asked for"):
+        load_eval_model(str(checkpoint), 4, device="cpu")
+    with pytest.raises(SparseSRError, match=r"x9: no such file, and not an embedded model \(bicubic, x2, x4, fast\)"):
+        load_eval_model("x9")
+
+
+def test_the_old_loader_module_is_gone():
+    with pytest.raises(ImportError):
+        import sparsesr.upscalers  # noqa: F401 - one loader now: sparsesr.load
+
+
 # Published bicubic values (research.md section 2): (PSNR, SSIM).
 PUBLISHED = {
     2: {"Set5": (33.66, 0.9299), "Set14": (30.24, 0.8688), "BSD100": (29.56, 0.8431)},
@@ -124,13 +169,12 @@ SHIPPED_BARS = {"x2": 3.0, "x4": 1.5, "fast": 2.0}
 def test_shipped_models_meet_their_set5_bar(name):
     """The shipped file itself (fp16 weights, sparse runtime), and the score its metadata claims."""
     from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
-    from sparsesr.upscalers import resolve_upscaler
 
     path = resolve_model(name)
-    upscaler = resolve_upscaler(str(path))
+    model = load_eval_model(str(path), device="cpu")
     scale = EMBEDDED_MODELS[name].scale
-    assert upscaler.scale == scale
-    measured = evaluate(upscaler.fn, [SHARED_DATA / "val" / "Set5"], scale, progress=False)["Set5"]["psnr"]
+    assert model.scale == scale
+    measured = evaluate(model.fn, [SHARED_DATA / "val" / "Set5"], scale, progress=False)["Set5"]["psnr"]
     assert measured > PUBLISHED[scale]["Set5"][0] + SHIPPED_BARS[name], measured
     claimed = next(row for row in list_models() if row["name"] == name)["psnr"]["Set5"]  # `sparsesr models`
     assert abs(measured - claimed) < 0.05, (measured, claimed)

@@ -13,14 +13,14 @@ from PIL import ImageCms
 
 import sparsesr
 from sparsesr.cli import main
-from sparsesr.data.image_io import Image, read_image, write_image
+from sparsesr.data.image_io import Image, read_image, to_uint8, write_image
 from sparsesr.errors import SparseSRError
 from sparsesr.format import export
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pretrained import EMBEDDED_MODELS, list_models, resolve_model
 import sparsesr.upscaling as upscaling
-from sparsesr.upscaling import Upscaler, fill_transparent, upscale_files
+from sparsesr.upscaling import UpscaleEngine, UpscaleOptions, fill_transparent, upscale_files
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,10 @@ def _save(path, mode="RGB", size=(24, 20), seed=0, **params):
     return path
 
 
+def _engine(model=None, warn=None, **options) -> UpscaleEngine:
+    return UpscaleEngine.load(model, UpscaleOptions(**options), warn=warn)
+
+
 def _run(*args) -> int:
     return main(["upscale", "-q", *map(str, args)])
 
@@ -79,7 +83,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(upscaling.Upscaler, "__init__", refuse)
+    monkeypatch.setattr(UpscaleEngine, "load", refuse)
 
 
 @pytest.fixture
@@ -88,7 +92,7 @@ def no_run(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(upscaling.Upscaler, "run_rgb", refuse)
+    monkeypatch.setattr(UpscaleEngine, "run_rgb", refuse)
 
 
 # --- modes, bit depth, metadata ---------------------------------------------------------------
@@ -312,7 +316,7 @@ def test_tiled_run_matches_the_untiled_one(tmp_path):
 
 
 def test_half_precision_falls_back_on_non_finite_values(monkeypatch):
-    upscaler = Upscaler(warn=warnings_seen.append)
+    upscaler = _engine(warn=warnings_seen.append)
     upscaler.dtype = torch.bfloat16  # as on a CPU with a fast bf16 path (else bf16 is run as fp32)
     real = upscaler._network
 
@@ -555,8 +559,8 @@ def test_an_animated_input_warns_once_and_gives_a_still_image(tmp_path, capsys, 
     with PILImage.open(tmp_path / name) as im:
         assert im.n_frames == 3
     order = []
-    real = upscaling.Upscaler.upscale_image
-    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", lambda self, *a, **k: order.append("model") or real(self, *a, **k))
+    real = UpscaleEngine.upscale_image
+    monkeypatch.setattr(UpscaleEngine, "upscale_image", lambda self, *a, **k: order.append("model") or real(self, *a, **k))
     assert main(["upscale", "-q", str(tmp_path / name)]) == 0
     line = _one_error_line(capsys)
     assert line == f"warning: {tmp_path / name} has 3 frames; only the first is upscaled"
@@ -625,14 +629,14 @@ def test_stale_temp_files_in_the_output_folder_are_removed(tmp_path):
 
 def _another_run_writes(monkeypatch, target, data=b"the other run's output"):
     """While this run computes, another one writes ``target``."""
-    real = upscaling.Upscaler.upscale_image
+    real = UpscaleEngine.upscale_image
 
     def racing(self, *args, **kwargs):
         out = real(self, *args, **kwargs)
         target.write_bytes(data)
         return out
 
-    monkeypatch.setattr(upscaling.Upscaler, "upscale_image", racing)
+    monkeypatch.setattr(UpscaleEngine, "upscale_image", racing)
 
 
 @pytest.mark.parametrize("links", [True, False])
@@ -693,6 +697,100 @@ def test_api_scale_defaults_to_the_models_own(embedded, model_files, api):
     assert fn(x, model="x4", scale=2).shape == (3, 10, 12)
 
 
+@pytest.mark.parametrize("name, factor", [("x4", 4), ("x2", 2), ("fast", 2)])
+def test_api_an_embedded_model_gives_its_own_scale(embedded, model_files, name, factor):
+    shutil.copy(model_files / "tiny4.sparsesr.safetensors", embedded / EMBEDDED_MODELS["x4"].filename)
+    assert sparsesr.upscale(torch.rand(3, 5, 6), model=name).shape == (3, 5 * factor, 6 * factor)
+    assert sparsesr.upscale(PILImage.new("RGB", (6, 5)), model=name).size == (6 * factor, 5 * factor)
+    assert sparsesr.upscale(np.zeros((5, 6, 3), np.uint8), model=name).shape == (5 * factor, 6 * factor, 3)
+
+
+def test_api_a_scale_the_engine_does_not_do_is_one_clear_error(model_files):
+    engine = _engine(model_files / "tiny4.sparsesr.safetensors")
+    x = torch.rand(3, 5, 6)
+    assert sparsesr.upscale(x, model=engine).shape == (3, 20, 24)
+    assert sparsesr.upscale(x, model=engine, scale=4).shape == (3, 20, 24)
+    with pytest.raises(SparseSRError, match=r"^scale=2 was asked for, but the engine given as model= upscales x4$"):
+        sparsesr.upscale(x, model=engine, scale=2)
+    with pytest.raises(SparseSRError, match=r"^model= is an UpscaleEngine, which has its own options; got tile too$"):
+        sparsesr.upscale(x, model=engine, tile=64)
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"scale": 0}, "--scale must be in (0, 16], got 0"),
+    ({"scale": float("nan")}, "--scale must be in (0, 16], got nan"),
+    ({"scale": "two"}, "--scale must be a number, got 'two'"),
+    ({"scale": True}, "--scale must be a number, got True"),
+    ({"tile": 8}, "--tile must be 0 (automatic) or at least 16, got 8"),
+    ({"tile": 1.5}, "--tile must be an integer, got 1.5"),
+    ({"tile_pad": -1}, "--tile and --tile-pad must be >= 0, got 0 and -1"),
+    ({"backend": "triton"}, "--backend must be auto, sparse or dense, got 'triton'"),
+    ({"precision": "fp8"}, "--precision must be auto, fp32, fp16 or bf16, got 'fp8'"),
+    ({"alpha": "none"}, "--alpha must be bicubic or model, got 'none'"),
+    ({"device": 0}, "--device must be a string such as auto, cpu or cuda:0, got 0"),
+    ({"quality": 0}, "--quality must be an integer from 1 to 100, got 0"),
+    ({"ext": "gif"}, "--ext must be auto or one of png, jpg, webp, tiff, got 'gif'"),
+    ({"suffix": "a/b"}, "--suffix must not contain a path separator, got 'a/b'"),
+    ({"overwrite": True, "skip_existing": True}, "--overwrite and --skip-existing cannot be used together"),
+])
+def test_options_are_checked_when_made(kwargs, line):
+    with pytest.raises(SparseSRError) as info:
+        UpscaleOptions(**kwargs)
+    assert str(info.value) == line
+
+
+def test_options_are_one_frozen_object_and_unknown_names_are_one_line(no_model):
+    from dataclasses import FrozenInstanceError
+
+    options = UpscaleOptions(scale="2.5", tile=64)
+    assert options.scale == 2.5 and options == UpscaleOptions(scale=2.5, tile=64)  # normalised, comparable
+    with pytest.raises(FrozenInstanceError):
+        options.tile = 32
+    with pytest.raises(SparseSRError, match=r"^unknown upscale option 'tiles'; the options are scale, device, "):
+        UpscaleOptions.from_kwargs({"tiles": 4})
+    with pytest.raises(SparseSRError, match=r"^unknown upscale option 'quality'; the options are scale, device, "
+                                            r"precision, backend, tile, tile_pad, alpha$"):
+        sparsesr.upscale(torch.rand(3, 4, 4), quality=50)  # a file option: no use to the Python API
+    with pytest.raises(SparseSRError, match="--scale must be in"):
+        sparsesr.upscale(torch.rand(3, 4, 4), scale=-1)  # checked before any model loads (no_model)
+
+
+class _NearestX3(torch.nn.Module):
+    """Not a runtime model and no ``config``: only the attributes the engine may read."""
+
+    scale, n_colors, n_feats = 3, 3, 8
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(x, scale_factor=3, mode="nearest")
+
+
+def test_the_engine_needs_only_the_runtime_attributes():
+    engine = UpscaleEngine(_NearestX3(), UpscaleOptions(tile=16, tile_pad=8))
+    assert not hasattr(engine.net, "config") and engine.scale == 3
+    x = torch.rand(3, 20, 37)
+    expected = torch.nn.functional.interpolate(x[None], scale_factor=3, mode="nearest")[0]
+    assert torch.allclose(engine.upscale_pixels(x), expected, atol=1e-6)  # tiled: 2 x 3 tiles
+    assert torch.equal(engine.upscale_pixels(x, bit_depth=8), to_uint8(expected))
+    assert sparsesr.upscale(x, model=engine).shape == (3, 60, 111)
+    assert engine.backend_summary() == "_NearestX3 on cpu"
+    resized = UpscaleEngine(_NearestX3(), UpscaleOptions(scale=1.5))
+    assert resized.upscale_pixels(x).shape == (3, 30, 56)
+
+
+def test_the_engine_refuses_a_model_that_is_not_rgb():
+    gray = _NearestX3()
+    gray.n_colors = 1
+    with pytest.raises(SparseSRError, match=r"^the model takes 1 colour channels; upscaling runs RGB"):
+        UpscaleEngine(gray)
+
+
+def test_one_name_per_thing():
+    # The engine class, eval's function type and the deleted sparsesr.upscalers were all "Upscaler".
+    import sparsesr.evaluate
+
+    assert not hasattr(upscaling, "Upscaler") and not hasattr(sparsesr.evaluate, "Upscaler")
+
+
 # --- small ones -----------------------------------------------------------------------------------
 
 
@@ -731,7 +829,7 @@ def test_the_summary_counts_every_run_of_every_layer(tmp_path, capsys, monkeypat
 def test_the_summary_reports_the_half_precision_run():
     # The default on CUDA (fp16) runs a half-precision copy of the network; on CPU bf16 is forced
     # here as on a CPU with a fast bf16 path. Its layers are the ones that ran, not "not run".
-    upscaler = Upscaler()
+    upscaler = _engine()
     upscaler.dtype = torch.bfloat16
     upscaler.upscale_pixels(torch.rand(3, 8, 8))
     assert upscaler._half_net is not None
@@ -791,7 +889,7 @@ def test_pruned_model_via_the_api_matches_the_dense_model(pruned_files, sparse_k
     x = torch.rand(3, 13, 11)
     with torch.no_grad():
         reference = model(x[None])[0].clamp(0, 1)
-    upscaler = Upscaler(folder / "pruned.sparsesr.safetensors", backend="sparse")
+    upscaler = _engine(folder / "pruned.sparsesr.safetensors", backend="sparse")
     out = sparsesr.upscale(x, model=upscaler)
     assert (out - reference).abs().max() < 1e-4
     paths = [row["path"] for row in upscaler.net.backend_report()["layers"]]

@@ -1,4 +1,4 @@
-"""Upscaler around the tiles: quantized output written band by band, memory, out-of-memory, tile
+"""The upscale engine around the tiles: quantized output written band by band, memory, out-of-memory, tile
 options and half precision on the CPU."""
 import json
 import subprocess
@@ -14,17 +14,21 @@ from sparsesr.data.image_io import _to_uint16, to_uint8
 from sparsesr.errors import NotEnoughMemoryError, SparseSRError
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
-from sparsesr.upscaling import Upscaler, upscale_files
+from sparsesr.upscaling import UpscaleEngine, UpscaleOptions, upscale_files
 
 from test_tiling import CPU_ALLOCATOR_FAILURE
 
 MODES = {"L": 1, "LA": 2, "RGB": 3, "RGBA": 4}
 
 
+def _engine(model=None, warn=None, **options) -> UpscaleEngine:
+    return UpscaleEngine.load(model, UpscaleOptions(**options), warn=warn)
+
+
 @pytest.fixture(scope="module")
 def upscalers(one_thread):
     """The default x2 model, tiled (16-pixel tiles) and whole, per alpha option."""
-    return {(tile, alpha): Upscaler(tile=tile, alpha=alpha, warn=lambda m: None)
+    return {(tile, alpha): _engine(tile=tile, alpha=alpha, warn=lambda m: None)
             for tile in (0, 16) for alpha in ("bicubic", "model")}
 
 
@@ -55,7 +59,7 @@ def test_quantized_output_is_bit_identical_to_quantizing_the_float_output(upscal
 
 
 def test_quantized_output_at_a_scale_the_model_lacks(one_thread):
-    upscaler = Upscaler(scale=3, tile=16)
+    upscaler = _engine(scale=3, tile=16)
     pixels = _pixels("RGB", 20, 26)
     got = upscaler.upscale_pixels(pixels, bit_depth=8)
     assert got.shape == (3, 60, 78) and torch.equal(got, to_uint8(upscaler.upscale_pixels(pixels)))
@@ -87,10 +91,10 @@ def test_quantized_tiled_path_allocates_no_float_tensor_of_the_whole_output(upsc
 _RSS_CHILD = textwrap.dedent("""
     import json, sys
     import torch
-    from sparsesr.upscaling import Upscaler
+    from sparsesr.upscaling import UpscaleEngine, UpscaleOptions
 
     torch.set_num_threads(1)
-    upscaler = Upscaler(model=sys.argv[1], tile=128, backend="dense")
+    upscaler = UpscaleEngine.load(sys.argv[1], UpscaleOptions(tile=128, backend="dense"))
     pixels = torch.rand(3, 1500, 2000)
     upscaler.upscale_pixels(pixels[:, :64, :64], bit_depth=8)  # warm: one-time set-up is not the image's
 
@@ -126,7 +130,7 @@ def test_peak_memory_of_a_large_upscale_is_well_below_its_float_output(tmp_path)
 
 
 def _failing_above(limit):
-    """An ``Upscaler._network`` whose network fails like torch's CPU allocator on large inputs."""
+    """An ``UpscaleEngine._network`` whose network fails like torch's CPU allocator on large inputs."""
     def network(self):
         net = self.net
 
@@ -142,13 +146,13 @@ def test_out_of_memory_halves_the_tile_and_the_result_matches(upscalers, monkeyp
     upscaler = upscalers[(0, "bicubic")]
     pixels = _pixels("RGB", 40, 40)
     whole = upscaler.upscale_pixels(pixels)
-    monkeypatch.setattr(Upscaler, "_network", _failing_above(39))  # untiled fails, 20-pixel tiles + pad fit
+    monkeypatch.setattr(UpscaleEngine, "_network", _failing_above(39))  # untiled fails, 20-pixel tiles + pad fit
     assert (upscaler.upscale_pixels(pixels) - whole).abs().max() < 1 / 255
     assert (upscaler.upscale_pixels(pixels, bit_depth=8).int() - to_uint8(whole).int()).abs().max() <= 1
 
 
 def test_out_of_memory_even_with_the_smallest_tiles_is_one_line(upscalers, monkeypatch):
-    monkeypatch.setattr(Upscaler, "_network", _failing_above(40))  # a 16-pixel tile with its pad is 48
+    monkeypatch.setattr(UpscaleEngine, "_network", _failing_above(40))  # a 16-pixel tile with its pad is 48
     with pytest.raises(NotEnoughMemoryError, match=r"^not enough memory for a 70x50 image even with 16-pixel tiles"):
         upscalers[(0, "bicubic")].upscale_pixels(_pixels("RGB", 50, 70))
 
@@ -170,7 +174,7 @@ def test_the_batch_reports_the_file_that_does_not_fit_and_goes_on(tmp_path, monk
     rng = np.random.default_rng(0)
     PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "big.png")
     PILImage.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "small.png")
-    monkeypatch.setattr(Upscaler, "_network", _failing_above(40))
+    monkeypatch.setattr(UpscaleEngine, "_network", _failing_above(40))
     lines = []
     result = upscale_files([tmp_path / "big.png", tmp_path / "small.png"], quiet=True, log=lines.append)
     assert [name for name, _ in result.failed] == [str(tmp_path / "big.png")]
@@ -182,18 +186,18 @@ def test_the_batch_reports_the_file_that_does_not_fit_and_goes_on(tmp_path, monk
 
 
 def test_tiles_below_16_are_refused_before_the_model_loads(monkeypatch):
-    monkeypatch.setattr("sparsesr.upscaling.resolve_model", lambda *a: pytest.fail("model resolved"))
+    monkeypatch.setattr("sparsesr.upscaling.engine.resolve_model", lambda *a: pytest.fail("model resolved"))
     for tile in (1, 15):
         with pytest.raises(SparseSRError, match="--tile must be 0 .automatic. or at least 16"):
-            Upscaler(tile=tile)
+            _engine(tile=tile)
 
 
 def test_a_small_pad_warns_and_the_default_does_not():
     seen = []
-    Upscaler(tile=64, tile_pad=4, warn=seen.append)
+    _engine(tile=64, tile_pad=4, warn=seen.append)
     assert len(seen) == 1 and "--tile-pad 4" in seen[0] and "seams" in seen[0]
     seen.clear()
-    Upscaler(tile=64, warn=seen.append)
+    _engine(tile=64, warn=seen.append)
     assert seen == []
 
 
@@ -203,31 +207,31 @@ def test_a_small_pad_warns_and_the_default_does_not():
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_half_precision_on_the_cpu_warns_once_and_runs_fp32(precision, one_thread):
     seen = []
-    upscaler = Upscaler(device="cpu", precision=precision, warn=seen.append)
+    upscaler = _engine(device="cpu", precision=precision, warn=seen.append)
     assert seen == [f"{precision} has no fast CPU path here; running fp32"]
     assert upscaler.dtype == torch.float32 and upscaler._network() is upscaler.net
     pixels = _pixels("RGB", 12, 12)
-    assert torch.equal(upscaler.upscale_pixels(pixels), Upscaler(device="cpu", precision="fp32").upscale_pixels(pixels))
+    assert torch.equal(upscaler.upscale_pixels(pixels), _engine(device="cpu", precision="fp32").upscale_pixels(pixels))
     assert upscaler._half_net is None and len(seen) == 1
 
 
 def test_auto_precision_on_the_cpu_is_fp32_without_a_warning():
     seen = []
-    assert Upscaler(device="cpu", warn=seen.append).dtype == torch.float32 and seen == []
+    assert _engine(device="cpu", warn=seen.append).dtype == torch.float32 and seen == []
 
 
 def test_non_finite_half_output_falls_back_to_fp32_in_the_banded_path(monkeypatch, one_thread):
     seen = []
-    upscaler = Upscaler(device="cpu", tile=16, warn=seen.append)
+    upscaler = _engine(device="cpu", tile=16, warn=seen.append)
     expected = upscaler.upscale_pixels(_pixels("RGB"), bit_depth=8)
     upscaler.dtype = torch.bfloat16  # as on a device with a fast half type (CUDA)
-    real = Upscaler._network
+    real = UpscaleEngine._network
 
     def broken(self):
         net = real(self)
         return (lambda x: net(x) * float("inf")) if self.dtype != torch.float32 else net
 
-    monkeypatch.setattr(Upscaler, "_network", broken)
+    monkeypatch.setattr(UpscaleEngine, "_network", broken)
     got = upscaler.upscale_pixels(_pixels("RGB"), bit_depth=8)
     assert upscaler.dtype == torch.float32 and any("non-finite" in m for m in seen)
     assert torch.equal(got, expected)  # the rows written in bf16 were all written again
