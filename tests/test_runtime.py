@@ -301,7 +301,7 @@ def test_resolve_device():
 
 def test_bad_devices_are_backend_errors_everywhere(tmp_path):
     import sparsesr
-    from sparsesr.upscaling import _pick_device
+    from sparsesr.upscaling.engine import _pick_device
 
     model = pruned_model(2)
     export(checkpoint_of(model), tmp_path / "m.safetensors")

@@ -705,6 +705,15 @@ def test_api_an_embedded_model_gives_its_own_scale(embedded, model_files, name, 
     assert sparsesr.upscale(np.zeros((5, 6, 3), np.uint8), model=name).shape == (5 * factor, 6 * factor, 3)
 
 
+def test_api_reloads_a_model_file_that_was_replaced(model_files, tmp_path):
+    path = tmp_path / "model.sparsesr.safetensors"
+    shutil.copy(model_files / "tiny.sparsesr.safetensors", path)
+    x = torch.rand(3, 5, 6)
+    assert sparsesr.upscale(x, model=path).shape == (3, 10, 12)
+    shutil.copy(model_files / "tiny4.sparsesr.safetensors", path)  # same name, another model
+    assert sparsesr.upscale(x, model=path).shape == (3, 20, 24)
+
+
 def test_api_a_scale_the_engine_does_not_do_is_one_clear_error(model_files):
     engine = _engine(model_files / "tiny4.sparsesr.safetensors")
     x = torch.rand(3, 5, 6)

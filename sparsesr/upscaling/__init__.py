@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from sparsesr.upscaling.api import upscale
 from sparsesr.upscaling.batch import BatchResult, upscale_files
-from sparsesr.upscaling.engine import UpscaleEngine, _pick_device, fill_transparent  # noqa: F401 - _pick_device: tests/test_runtime.py
+from sparsesr.upscaling.engine import UpscaleEngine, fill_transparent
 from sparsesr.upscaling.options import UpscaleOptions
 
 __all__ = ["BatchResult", "UpscaleEngine", "UpscaleOptions", "fill_transparent", "upscale", "upscale_files"]

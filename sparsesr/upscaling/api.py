@@ -24,11 +24,21 @@ def _engine_for(model: str | os.PathLike | UpscaleEngine | None, scale: float | 
             raise UsageError(f"scale={scale} was asked for, but the engine given as model= upscales x{model.scale:g}")
         return model
     opts = UpscaleOptions.from_kwargs({"scale": scale, **options}, allowed=COMPUTE_OPTIONS)
-    key = (str(model), opts)
+    key = (str(model), _file_identity(model), opts)
     if key not in _CACHE:
         _CACHE.clear()  # keep one model in memory, not one per call pattern
         _CACHE[key] = UpscaleEngine.load(model, opts)
     return _CACHE[key]
+
+
+def _file_identity(model: str | os.PathLike | None) -> tuple | None:
+    """What changes when the file at ``model`` is replaced (an embedded name or None: nothing), so
+    that a cached engine is not reused for a file that was overwritten since."""
+    try:
+        st = os.stat(model)
+    except (OSError, TypeError, ValueError):
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def upscale(image: Any, scale: float | None = None, model: str | os.PathLike | UpscaleEngine | None = None,
