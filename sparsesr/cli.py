@@ -125,7 +125,7 @@ def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a checkpoint as a compressed sparse model file",
-        description="Convert a checkpoint (sparsesr or EDSR-PyTorch key names) into the compressed safetensors "
+        description="Convert a checkpoint (sparsesr, or a native file of any family: see docs/architectures.md) into the compressed safetensors "
         "format of docs/format.md: each conv stored dense, CSR or block-sparse (BSR).",
     )
     p.add_argument("checkpoint", help="the checkpoint to export: a checkpoint file, an exported file (re-exported, "

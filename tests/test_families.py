@@ -1,11 +1,16 @@
 """Every architecture family loads from its native key layout (issue #14): .pth, BasicSR's
 params_ema wrapping and safetensors without metadata; sparsesr checkpoints and exports record it."""
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton fixes interpreter-or-not at its first import (per process): before anything imports it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import save as save_tensors
 
 from sparsesr.errors import CheckpointError
@@ -295,3 +300,57 @@ def test_the_runtime_runs_other_families(tmp_path):
     assert isinstance(sparse, SparseModel) and sparse.family == "srvgg"
     x = torch.rand(1, 3, 5, 7)
     assert torch.allclose(_output(sparse, x), _output(model, x), atol=1e-5)
+
+
+# --- the whole pipeline through the CLI, from each family's native file (issue #14, "Must show") ----
+
+PIPELINE_BACKENDS = ["dense", "cpu", "triton"]
+
+
+@pytest.mark.parametrize("how", ["params_ema", "safetensors"])
+@pytest.mark.parametrize("case", ["edsr-pytorch", "edsr-basicsr-x4", "msrresnet-x2", "rrdbnet-x4", "rrdbnet-x2",
+                                  "esrgan-old-names", "srvgg-prelu"])
+def test_native_file_info_prune_export_load_upscale(tmp_path, case, how, capsys, monkeypatch):
+    """info names the family; prune 0.9 -> export fp16 -> load runs like the masked dense model on
+    every backend here; upscale writes an image of the model's scale."""
+    from PIL import Image
+
+    from sparsesr.cli import main
+    from sparsesr.runtime import backends, load
+
+    monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "0")
+    monkeypatch.setenv("SPARSESR_TRITON_AUTOTUNE", "0")
+    model, native = _reference(case)
+    family, scale = CASES[case][3], model.config.scale
+    src = _write(tmp_path, native, how)
+
+    assert main(["info", str(src), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["family"] == family and info["config"] == model.config.to_dict()
+
+    pruned, exported = tmp_path / "pruned.safetensors", tmp_path / "pruned.sparsesr.safetensors"
+    assert main(["prune", str(src), "--sparsity", "0.9", "-o", str(pruned)]) == 0
+    assert main(["export", str(pruned), "-o", str(exported), "--dtype", "fp16"]) == 0
+    masked = load_model(pruned).eval()  # the pruned checkpoint, run densely by its own module
+    prunable = [m.weight for m in masked.modules() if isinstance(m, torch.nn.Conv2d)][1:-1]
+    zeros = sum(int((w == 0).sum()) for w in prunable) / sum(w.numel() for w in prunable)
+    assert zeros == pytest.approx(0.9, abs=0.01)
+
+    x = torch.rand(1, 3, 6, 7)
+    reference = _output(masked, x)
+    ran = []
+    for backend in PIPELINE_BACKENDS:
+        if backend != "dense" and backends.unavailable_reason(backend) is not None:
+            continue
+        ran.append(backend)
+        sparse = load(exported, device="cpu", backend=backend)
+        assert sparse.family == family and sparse.scale == scale
+        err = float((_output(sparse, x) - reference).norm() / reference.norm())
+        assert err < 1e-2, f"{backend}: relative error {err:.2e} (fp16 weights)"
+        if backend != "dense":  # the layers stored sparse took that backend's kernel
+            assert {r["path"] for r in sparse.backend_report()["layers"] if r["layout"] != "dense"} == {backend}
+    assert "cpu" in ran or backends.unavailable_reason("cpu") is not None
+
+    Image.new("RGB", (7, 6), (120, 60, 30)).save(tmp_path / "in.png")
+    assert main(["upscale", str(tmp_path / "in.png"), "--model", str(exported), "-o", str(tmp_path / "out.png"), "-q"]) == 0
+    assert Image.open(tmp_path / "out.png").size == (7 * scale, 6 * scale)
