@@ -3,7 +3,8 @@
     SPARSESR_BENCH_THREADS=2 python -m pytest bench/test_bench_model.py --benchmark-only -rs
 
 Each case builds a preset with random weights (seed 0), magnitude-prunes it with
-``one_shot_prune`` (per weight or per 4x1 / 8x1 block; first and last conv stay dense), exports it
+``one_shot_prune`` (per weight or per 4x1 / 8x1 block; first and last conv stay dense; EDSR with
+one global ranking, the other families each layer alike), exports it
 in memory (``export_bytes``, fp32, ``layout="auto"``: a layer stays dense where the sparse kernel
 is not expected to win) and loads it with ``sparsesr.runtime.load``. Baselines, timed in the same
 rounds: the pruned ``nn.Module`` in eager mode (``dense_ms``), the same in ``channels_last``
@@ -30,6 +31,10 @@ SPARSITIES = [0.0, 0.5, 0.75, 0.9, 0.95]
 STANDARD = (
     [("edsr-cpu", 2, 128, s, p) for p in ("1x1", "4x1") for s in SPARSITIES]
     + [("edsr-baseline", 2, 128, s, p) for p in ("1x1", "4x1") for s in (0.0, 0.9, 0.95)]
+    # the other families (issue #14): ESRGAN's RRDBNet (16.7 M parameters: 64² keeps it to seconds),
+    # MSRResNet, Real-ESRGAN's compact SRVGG
+    + [("rrdbnet", 4, 64, s, "1x1") for s in (0.0, 0.9)]
+    + [(arch, 4, 128, s, "1x1") for arch in ("msrresnet", "srvgg") for s in (0.0, 0.9)]
 )
 FULL = [(arch, scale, size, s, p) for arch in ("edsr-cpu", "edsr-baseline", "edsr") for scale in (2, 4)
         for size in (128, 256) for p in ("1x1", "4x1", "8x1") for s in SPARSITIES]
@@ -42,7 +47,10 @@ def pruned_pair(arch: str, scale: int, sparsity: float, pattern: str, device: st
     torch.manual_seed(0)
     model = build_model(arch, scale).eval()
     if sparsity > 0:
-        one_shot_prune(model, sparsity, granularity=pattern)
+        # Random weights are scaled by 1/sqrt(fan-in): one global ranking would empty RRDBNet's
+        # widest convs entirely, which no trained network does. EDSR's convs all have one fan-in.
+        balance = "global" if arch.startswith("edsr") else "uniform"
+        one_shot_prune(model, sparsity, granularity=pattern, balance=balance)
     checkpoint = Checkpoint(state_dict=model.state_dict(), arch=arch, config=model.config)
     data = export_bytes(checkpoint, dtype="fp32", layout="auto")
     sparse = load(parse_bytes(data), device=device, backend="auto")

@@ -336,12 +336,13 @@ def format_result(result: dict) -> str:
         f"({result['size_ratio']:.1%}){' (exported in memory)' if result['exported_in_memory'] else ''}",
     ]
     if "layers" in result:
-        lines.append(f"  {'layer':<16} {'shape':<16} {'layout':<6} {'path':<6} {'sparsity':>8} "
+        width = max(16, *(len(row["name"]) for row in result["layers"]))  # RRDBNet: body.22.rdb3.conv5
+        lines.append(f"  {'layer':<{width}} {'shape':<16} {'layout':<6} {'path':<6} {'sparsity':>8} "
                      f"{'dense ms':>9} {'sparse ms':>9} {'speedup':>7}")
         for row in result["layers"]:
             shape = "x".join(str(d) for d in row["shape"])
             # a layer that runs dense either way was timed twice the same: its "speedup" is noise
             speedup = "-" if row["path"] == "dense" else f"{row['speedup']:.2f}x"
-            lines.append(f"  {row['name']:<16} {shape:<16} {row['layout']:<6} {row['path']:<6} "
+            lines.append(f"  {row['name']:<{width}} {shape:<16} {row['layout']:<6} {row['path']:<6} "
                          f"{row['sparsity']:>8.1%} {row['dense_ms']:>9.3f} {row['sparse_ms']:>9.3f} {speedup:>7}")
     return "\n".join(lines)

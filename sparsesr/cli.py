@@ -188,10 +188,13 @@ def _print_layers(info: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return
-    print(f"{'layer':<16} {'shape':<18} {'layout':<6} {'dtype':<8} {'nonzeros':>9} {'sparsity':>8} {'bytes':>9}")
+    if "model" in info:
+        print(info["model"])
+    width = max(16, *(len(row["name"]) for row in info["layers"]))  # RRDBNet: body.22.rdb3.conv5
+    print(f"{'layer':<{width}} {'shape':<18} {'layout':<6} {'dtype':<8} {'nonzeros':>9} {'sparsity':>8} {'bytes':>9}")
     for row in info["layers"]:
         shape = "x".join(map(str, row["shape"]))
-        print(f"{row['name']:<16} {shape:<18} {row['layout']:<6} {row['dtype']:<8} {row['nnz']:>9,} "
+        print(f"{row['name']:<{width}} {shape:<18} {row['layout']:<6} {row['dtype']:<8} {row['nnz']:>9,} "
               f"{row['sparsity']:>8.4f} {row['bytes']:>9,}")
     print(f"sparsity over pruned layers: {info['sparsity']:.4f}")
     if "dense_fp32_bytes" in info:
@@ -202,7 +205,7 @@ def _print_layers(info: dict, as_json: bool) -> None:
     if "runtime" in info:
         print("\nruntime (path each layer took on a 32x32 test input):")
         for row in info["runtime"]["layers"]:
-            print(f"  {row['name']:<16} {row['layout']:<6} {row['path'] or '-':<7} {row['reason'] or ''}")
+            print(f"  {row['name']:<{width}} {row['layout']:<6} {row['path'] or '-':<7} {row['reason'] or ''}")
         for name, kernel in info["runtime"]["kernels"].items():
             state = f"available ({kernel.get('isa')})" if kernel["available"] and kernel.get("isa") else (
                 "available" if kernel["available"] else f"unavailable: {kernel['reason']}")
