@@ -81,9 +81,9 @@ def _write(tmp_path, native, how):
     if how == "safetensors":
         path = tmp_path / "native.safetensors"
         path.write_bytes(save_tensors({k: v.contiguous() for k, v in native.items()}))
-    else:
-        path = tmp_path / "native.pth"
-        torch.save(native if how == "pth" else {"params_ema": native, "params": {}}, path)
+    else:  # "pth", "params_ema", or another of the suffixes torch files come with (README)
+        path = tmp_path / (f"native.{how}" if how in ("pt", "ckpt", "bin") else "native.pth")
+        torch.save({"params_ema": native, "params": {}} if how == "params_ema" else native, path)
     return path
 
 
@@ -92,7 +92,7 @@ def _output(model, x):
         return model(x)
 
 
-@pytest.mark.parametrize("how", ["pth", "params_ema", "safetensors"])
+@pytest.mark.parametrize("how", ["pth", "params_ema", "safetensors", "pt", "ckpt", "bin"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_native_layouts_load_and_run_like_the_native_module(tmp_path, case, how):
     model, native = _reference(case)
