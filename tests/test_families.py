@@ -2,7 +2,6 @@
 params_ema wrapping and safetensors without metadata; sparsesr checkpoints and exports record it."""
 import json
 import os
-import re
 from pathlib import Path
 
 import pytest
@@ -20,46 +19,22 @@ from sparsesr.models.checkpoint import load_checkpoint, load_model, save_checkpo
 from sparsesr.models.edsr import DIV2K_RGB_MEAN
 from sparsesr.models.rrdbnet import ESRGAN_RENAMES
 
+from native_keys import basicsr_edsr, old_esrgan
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _rename(sd, rules):
-    out = {}
-    for key, value in sd.items():
-        for pattern, repl in rules:
-            key, n = re.subn(f"^{pattern}$", repl, key)
-            if n:
-                break
-        out[key] = value
-    return out
-
-
-def _basicsr_edsr(sd, n_resblocks):
-    sd = {k: v for k, v in sd.items() if not k.endswith("_mean.weight") and not k.endswith("_mean.bias")}
-    return _rename(sd, [(r"head\.0\.(\w+)", r"conv_first.\1"), (r"body\.(\d+)\.body\.0\.(\w+)", r"body.\1.conv1.\2"),
-                        (r"body\.(\d+)\.body\.2\.(\w+)", r"body.\1.conv2.\2"),
-                        (rf"body\.{n_resblocks}\.(\w+)", r"conv_after_body.\1"),
-                        (r"tail\.0\.(\d+)\.(\w+)", r"upsample.\1.\2"), (r"tail\.1\.(\w+)", r"conv_last.\1")])
-
-
-def _old_esrgan(sd):
-    # The inverse of ESRGAN_RENAMES (BasicSR -> original ESRGAN names).
-    return _rename(sd, [(r"body\.(\d+)\.rdb(\d)\.conv(\d)\.(\w+)", r"RRDB_trunk.\1.RDB\2.conv\3.\4"),
-                        (r"conv_body\.(\w+)", r"trunk_conv.\1"), (r"conv_up1\.(\w+)", r"upconv1.\1"),
-                        (r"conv_up2\.(\w+)", r"upconv2.\1"), (r"conv_hr\.(\w+)", r"HRconv.\1")])
 
 
 # name -> (preset, scale, overrides, family, native renaming)
 CASES = {
     "edsr-pytorch": ("edsr-cpu", 2, {"n_resblocks": 2, "n_feats": 8}, "edsr", None),
-    "edsr-basicsr-x4": ("edsr-cpu", 4, {"n_resblocks": 2, "n_feats": 8}, "edsr", lambda sd: _basicsr_edsr(sd, 2)),
-    "edsr-basicsr-x3": ("edsr-cpu", 3, {"n_resblocks": 3, "n_feats": 8}, "edsr", lambda sd: _basicsr_edsr(sd, 3)),
+    "edsr-basicsr-x4": ("edsr-cpu", 4, {"n_resblocks": 2, "n_feats": 8}, "edsr", lambda sd: basicsr_edsr(sd, 2)),
+    "edsr-basicsr-x3": ("edsr-cpu", 3, {"n_resblocks": 3, "n_feats": 8}, "edsr", lambda sd: basicsr_edsr(sd, 3)),
     "msrresnet-x4": ("msrresnet", 4, {"num_block": 2, "n_feats": 8}, "msrresnet", None),
     "msrresnet-x3": ("msrresnet", 3, {"num_block": 2, "n_feats": 8}, "msrresnet", None),
     "msrresnet-x2": ("msrresnet", 2, {"num_block": 2, "n_feats": 8}, "msrresnet", None),
     "rrdbnet-x4": ("rrdbnet", 4, {"num_block": 2, "n_feats": 8, "num_grow_ch": 4}, "rrdbnet", None),
     "rrdbnet-x2": ("rrdbnet", 2, {"num_block": 2, "n_feats": 8, "num_grow_ch": 4}, "rrdbnet", None),
-    "esrgan-old-names": ("rrdbnet", 4, {"num_block": 2, "n_feats": 8, "num_grow_ch": 4}, "rrdbnet", _old_esrgan),
+    "esrgan-old-names": ("rrdbnet", 4, {"num_block": 2, "n_feats": 8, "num_grow_ch": 4}, "rrdbnet", old_esrgan),
     "srvgg-prelu": ("srvgg-cpu", 4, {"num_conv": 3, "n_feats": 8}, "srvgg", None),
     "srvgg-relu-x2": ("srvgg-cpu", 2, {"num_conv": 2, "n_feats": 8, "act_type": "relu"}, "srvgg", None),
 }

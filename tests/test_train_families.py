@@ -1,5 +1,4 @@
 """Training, pruning and scale transfer for the non-EDSR families, on tiny models and images."""
-import re
 
 import numpy as np
 import pytest
@@ -12,6 +11,8 @@ from sparsesr.models.checkpoint import load_checkpoint, load_model, save_checkpo
 from sparsesr.pruning import find_prunable, sparsity_report
 from sparsesr.train import load_config, train
 from sparsesr.train import loop as train_loop
+
+from native_keys import old_esrgan
 
 # Tiny versions of each family's preset (a few thousand weights).
 TINY = {
@@ -88,26 +89,6 @@ def test_dup_training_of_a_family(arch, family, tmp_path, image_folder):
 
 # --- `sparsesr prune` on checkpoints in their native key layouts -------------------------------
 
-_TO_ESRGAN = [  # BasicSR RRDBNet names -> the original ESRGAN repository's
-    (r"body\.(\d+)\.rdb(\d)\.conv(\d)\.(weight|bias)", r"RRDB_trunk.\1.RDB\2.conv\3.0.\4"),
-    (r"conv_body\.(.*)", r"trunk_conv.\1"),
-    (r"conv_up1\.(.*)", r"upconv1.\1"),
-    (r"conv_up2\.(.*)", r"upconv2.\1"),
-    (r"conv_hr\.(.*)", r"HRconv.\1"),
-]
-
-
-def _esrgan_names(state_dict):
-    out = {}
-    for key, value in state_dict.items():
-        for pattern, replacement in _TO_ESRGAN:
-            key, n = re.subn(f"^{pattern}$", replacement, key)
-            if n:
-                break
-        out[key] = value
-    return out
-
-
 @pytest.mark.parametrize("arch, scale, layout", [
     ("srvgg-cpu", 4, "params"),         # Real-ESRGAN's realesr-*v3 files: {"params": state dict}
     ("rrdbnet", 4, "esrgan"),           # the original ESRGAN names (RRDB_trunk, trunk_conv, HRconv)
@@ -118,7 +99,7 @@ def test_prune_command_on_native_checkpoints(arch, scale, layout, tmp_path, caps
 
     model = _tiny_model(arch, scale)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    native = {"params": {"params": state}, "params_ema": {"params_ema": state}, "esrgan": _esrgan_names(state)}[layout]
+    native = {"params": {"params": state}, "params_ema": {"params_ema": state}, "esrgan": old_esrgan(state)}[layout]
     torch.save(native, tmp_path / "native.pth")
 
     assert main(["prune", str(tmp_path / "native.pth"), "--sparsity", "0.9", "-o", str(tmp_path / "pruned.safetensors")]) == 0
