@@ -12,6 +12,7 @@ JOBS=${1:-2}
 source tools/runs.sh
 
 bicubic 2 && bicubic 4
+restore dense-x2-baseline edsr-baseline-x2-dense.safetensors   # the parent, once finished and committed
 train dense-x2-baseline configs/dense-x2-baseline.toml   # 16000 steps: several sessions
 evaluate dense-x2-baseline &
 

@@ -1,6 +1,8 @@
 # Shared steps of the tools/reproduce_*.sh scripts; source it, don't run it.
 #   train NAME CONFIG [--set k=v ...]   trains runs/NAME, resumes it when it was cut off (also from a
 #                                        committed checkpoints/NAME.partial/), skips it when done
+#   restore NAME FILE                   puts a finished run's committed model (checkpoints/FILE) back in
+#                                        runs/NAME/model.safetensors, so that train skips it
 #   evaluate NAME                        Set5, Set14, BSD100 scores of runs/NAME into runs/NAME/eval.json
 #   bicubic SCALE                        the same for bicubic, into runs/bicubic-xSCALE/eval.json
 # One torch thread per job, so several jobs can share the machine.
@@ -25,6 +27,14 @@ train() {
     fi
 }
 
+restore() {
+    local name=$1 file=$2
+    if [ ! -f "runs/$name/model.safetensors" ] && [ -f "checkpoints/$file" ]; then
+        mkdir -p "runs/$name"
+        cp "checkpoints/$file" "runs/$name/model.safetensors"
+    fi
+}
+
 _scores() {  # out_dir model [eval options...]
     local dir=$1; shift
     [ -f "$dir/eval.json" ] && return 0
@@ -34,5 +44,5 @@ _scores() {  # out_dir model [eval options...]
 }
 evaluate() { _scores "runs/$1" --model "runs/$1/model.safetensors"; }
 bicubic() { _scores "runs/bicubic-x$1" --model bicubic --scale "$1"; }
-export -f train evaluate _scores bicubic
+export -f train restore evaluate _scores bicubic
 export DATA
