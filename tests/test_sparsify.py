@@ -39,8 +39,8 @@ CASES = {
     # 3 dense blocks x 4 LeakyReLUs + conv_up1, conv_up2, conv_hr; 3 x conv5 * 0.2 + conv_body (an RRDB's
     # x + rdb3(..) * 0.2 is not a conv's output: stays a plain add)
     "rrdbnet-x4": ("rrdbnet", 4, {"num_block": 1, "n_feats": 8, "num_grow_ch": 4}, (15, 0, 4), set()),
-    # the top level pads odd sizes (control flow on the input's shape): untraceable, its RRDBs are fused
-    "rrdbnet-x2": ("rrdbnet", 2, {"num_block": 1, "n_feats": 8, "num_grow_ch": 4}, (12, 0, 3), {"LeakyReLU"}),
+    # the same behind a reflect pad to even sizes and a pixel unshuffle (both stay torch ops)
+    "rrdbnet-x2": ("rrdbnet", 2, {"num_block": 1, "n_feats": 8, "num_grow_ch": 4}, (15, 0, 4), set()),
     # PReLU per channel after every conv but the last, which is shuffled (the input skip is added after it)
     "srvgg-prelu-x4": ("srvgg-cpu", 4, {"num_conv": 2, "n_feats": 8}, (3, 1, 0), set()),
     "srvgg-leaky-x2": ("srvgg-cpu", 2, {"num_conv": 2, "n_feats": 8, "act_type": "leakyrelu"}, (3, 1, 0), set()),

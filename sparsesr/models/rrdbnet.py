@@ -110,10 +110,9 @@ class RRDBNet(nn.Module):
         h, w = x.shape[-2:]
         if self.unshuffle > 1:
             # Odd sizes are reflect-padded and the output cropped, as Real-ESRGAN's inference does
-            # (its x2 network alone only takes even sizes).
-            pad_h, pad_w = -h % self.unshuffle, -w % self.unshuffle
-            if pad_h or pad_w:
-                x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+            # (its x2 network alone only takes even sizes). Padded always, by 0 for even sizes: no
+            # branch on the input's shape, so torch.fx traces it and the runtime fuses the top level.
+            x = F.pad(x, (0, -w % self.unshuffle, 0, -h % self.unshuffle), mode="reflect")
             x = F.pixel_unshuffle(x, self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
