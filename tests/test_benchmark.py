@@ -92,6 +92,28 @@ def test_benchmark_model_on_exported_file(tiny_files):
     assert f"speedup x{result['speedup']:.2f}" in text and "body.0.body.2" in text and "KB" in text
 
 
+@pytest.mark.parametrize("arch, overrides", [
+    ("rrdbnet", {"num_block": 1, "n_feats": 8, "num_grow_ch": 4}),
+    ("srvgg-cpu", {"num_conv": 2, "n_feats": 8}),
+])
+def test_bench_of_another_family_with_per_layer_paths(tmp_path, capsys, arch, overrides):
+    """`sparsesr bench --per-layer` on a 90 %-pruned RRDBNet x4 / SRVGG x4 (issue #14): the ratio and
+    every conv's path, the long RRDBNet names in full."""
+    torch.manual_seed(0)
+    model = build_model(arch, 4, **overrides)
+    one_shot_prune(model, 0.9, balance="uniform")
+    save_checkpoint(tmp_path / "m.safetensors", model)
+    assert main(["bench", str(tmp_path / "m.safetensors"), "--size", "12", "--threads", "1", "--repeats", "1",
+                 "--warmup", "0", "--per-layer", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    convs = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+    assert result["scale"] == 4 and [row["name"] for row in result["layers"]] == convs
+    assert all(row["path"] in VALID_PATHS for row in result["layers"]) and result["speedup"] > 0
+    assert sum(result["paths"].values()) == len(convs)
+    text = format_result(result)
+    assert all(f"  {name} " in text for name in convs)  # no name cut or run into the next column
+
+
 def test_benchmark_model_exports_a_checkpoint_in_memory(tiny_files):
     checkpoint, _ = tiny_files
     result = benchmark_model(checkpoint, size=8, threads=1, repeats=1, warmup=0)
