@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -88,15 +90,15 @@ def dense_equivalent(source: str | os.PathLike) -> nn.Module:
     """The plain PyTorch network with the pruned weights of ``source`` (embedded name, exported
     file or checkpoint), zeros included: what a user would run on a dense engine."""
     from sparsesr.format import is_sparse_model_file, read_file
+    from sparsesr.models import get_family
     from sparsesr.models.checkpoint import load_model
-    from sparsesr.models.edsr import EDSR
     from sparsesr.pretrained import resolve_model
 
     path = resolve_model(source)
     if not is_sparse_model_file(path):
         return load_model(path).float().eval()
     model_file = read_file(path)
-    model = EDSR(model_file.config)
+    model = get_family(model_file.family).build(model_file.config)
     model.load_state_dict({k: v.float() for k, v in model_file.dense_state_dict().items()})
     return model.float().eval()
 
@@ -131,6 +133,28 @@ def unavailable_reason(name: str) -> str | None:
     return None
 
 
+# DeepSparse 1.8.0 aborts the whole process (a C++ assertion, SIGABRT) on some graphs, RRDBNet's
+# among them, instead of raising: it compiles in a child process first, where an abort is a result.
+_DEEPSPARSE_PROBE = ("import os, sys; os.environ.setdefault('NM_DISABLE_ANALYTICS', '1'); import deepsparse; "
+                     "deepsparse.compile_model(sys.argv[1], batch_size=1, num_cores=int(sys.argv[2]))")
+
+
+def deepsparse_compile_error(onnx_path: str | os.PathLike, threads: int, timeout_s: float = 600) -> str | None:
+    """Why DeepSparse cannot compile ``onnx_path`` (None when it can), found in a child process."""
+    try:
+        proc = subprocess.run([sys.executable, "-c", _DEEPSPARSE_PROBE, str(onnx_path), str(threads)],
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"compiling took more than {timeout_s:.0f} s"
+    if proc.returncode == 0:
+        return None
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    said = next((line for line in lines if line.startswith(("Assertion", "RuntimeError", "ValueError"))),
+                lines[-1] if lines else "")
+    how = f"killed by signal {-proc.returncode}" if proc.returncode < 0 else f"exit {proc.returncode}"
+    return f"DeepSparse {how}: {said[:200]}" if said else f"DeepSparse {how}"
+
+
 def build_engine(name: str, onnx_path: str | os.PathLike, threads: int) -> Engine:
     """Compile ``onnx_path`` on engine ``name`` with ``threads`` threads."""
     onnx_path = str(onnx_path)
@@ -157,6 +181,9 @@ def build_engine(name: str, onnx_path: str | os.PathLike, threads: int) -> Engin
                       lambda x: request.infer([x])[0].copy())
     if name == "deepsparse":
         os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")  # no network calls from a benchmark
+        error = deepsparse_compile_error(onnx_path, threads)
+        if error:
+            raise SparseSRError(error)
         import deepsparse
 
         engine = deepsparse.compile_model(onnx_path, batch_size=1, num_cores=threads)

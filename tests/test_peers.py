@@ -35,6 +35,35 @@ def test_dense_equivalent_has_the_pruned_weights(tiny_file):
     assert 0 < int(torch.count_nonzero(conv)) < conv.numel()  # the zeros travel to the dense engines
 
 
+@pytest.mark.parametrize("arch", ["srvgg-cpu", "rrdbnet"])
+def test_other_families_on_the_peers(tmp_path, arch):
+    """An exported SRVGG / RRDBNet file becomes its own family's dense network, and is timed."""
+    torch.manual_seed(0)
+    overrides = {"num_conv": 2} if arch == "srvgg-cpu" else {"num_block": 1, "num_grow_ch": 4}
+    model = build_model(arch, 4, n_feats=8, **overrides).eval()
+    one_shot_prune(model, 0.8, balance="uniform")
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(export_bytes(Checkpoint(state_dict=model.state_dict(), arch=arch, config=model.config)))
+    dense = peers.dense_equivalent(path)
+    assert type(dense) is type(model)
+    x = torch.rand(1, 3, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), model(x), atol=1e-5, rtol=1e-5)
+    result = peers.compare_engines(path, size=8, threads=1, repeats=1, warmup=0, engines=("sparsesr", "pytorch"))
+    assert {row["engine"] for row in result["rows"]} == {"sparsesr", "pytorch"}
+
+
+@pytest.mark.parametrize("child, fragment", [
+    ("import os; os.abort()", "DeepSparse killed by signal 6"),
+    ("import sys; print('Assertion at graph.cpp:1417', file=sys.stderr); sys.exit(3)",
+     "DeepSparse exit 3: Assertion at graph.cpp:1417"),
+    ("pass", None),
+])
+def test_a_deepsparse_abort_is_a_skip_reason_not_a_dead_process(monkeypatch, tmp_path, child, fragment):
+    monkeypatch.setattr(peers, "_DEEPSPARSE_PROBE", child)
+    assert peers.deepsparse_compile_error(tmp_path / "m.onnx", 1) == fragment
+
+
 def test_sparsesr_and_pytorch_rows(tiny_file):
     path, _ = tiny_file
     result = peers.compare_engines(path, size=12, threads=1, repeats=2, warmup=0, engines=("sparsesr", "pytorch"))
