@@ -329,3 +329,24 @@ def test_native_file_info_prune_export_load_upscale(tmp_path, case, how, capsys,
     Image.new("RGB", (7, 6), (120, 60, 30)).save(tmp_path / "in.png")
     assert main(["upscale", str(tmp_path / "in.png"), "--model", str(exported), "-o", str(tmp_path / "out.png"), "-q"]) == 0
     assert Image.open(tmp_path / "out.png").size == (7 * scale, 6 * scale)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1, 4), (3, 1), (5, 7)])
+def test_rrdbnet_x2_takes_any_size_as_real_esrgan_pads_it(tmp_path, size):
+    """Odd sizes are reflect-padded to even (a size of 1 repeats its row), the output cropped; the
+    sparse runtime, whose trace covers that padding, gives the same."""
+    import torch.nn.functional as F
+
+    from sparsesr.runtime import load
+
+    model, native = _reference("rrdbnet-x2")
+    h, w = size
+    x = torch.rand(1, 3, h, w)
+    y = _output(model, x)
+    assert y.shape == (1, 3, 2 * h, 2 * w)
+    if h > 1 and w > 1:  # what Real-ESRGAN's inference does: F.pad(..., "reflect"), then crop
+        padded = F.pad(x, (0, w % 2, 0, h % 2), mode="reflect")
+        torch.testing.assert_close(y, _output(model, padded)[..., : 2 * h, : 2 * w])
+    torch.save({"params_ema": native}, tmp_path / "x2.pth")
+    torch.testing.assert_close(_output(load(tmp_path / "x2.pth", device="cpu", backend="dense"), x), y,
+                               atol=1e-5, rtol=1e-5)

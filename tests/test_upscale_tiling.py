@@ -170,6 +170,20 @@ def test_no_memory_for_the_output_itself_is_one_line(upscalers, monkeypatch):
         upscalers[(0, "bicubic")].upscale_pixels(_pixels("RGB"), bit_depth=8)
 
 
+def test_a_network_that_refuses_the_input_is_one_line(upscalers, monkeypatch):
+    """Any other error of the network's forward (a padding a family cannot do, say) is one line
+    that names the family and the size, not a traceback."""
+    def network(self):
+        def run(x):
+            raise RuntimeError("Padding size should be less than the corresponding input dimension\nmore")
+        return run
+
+    monkeypatch.setattr(UpscaleEngine, "_network", network)
+    with pytest.raises(SparseSRError, match=r"^the edsr network failed on a 45x37 input: Padding size should be "
+                                            r"less than the corresponding input dimension$"):
+        upscalers[(0, "bicubic")].upscale_pixels(_pixels("RGB"))
+
+
 def test_the_batch_reports_the_file_that_does_not_fit_and_goes_on(tmp_path, monkeypatch, one_thread):
     rng = np.random.default_rng(0)
     PILImage.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "big.png")

@@ -108,18 +108,26 @@ class RRDBNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        if self.unshuffle > 1:
-            # Odd sizes are reflect-padded and the output cropped, as Real-ESRGAN's inference does
-            # (its x2 network alone only takes even sizes). Padded always, by 0 for even sizes: no
-            # branch on the input's shape, so torch.fx traces it and the runtime fuses the top level.
-            x = F.pad(x, (0, -w % self.unshuffle, 0, -h % self.unshuffle), mode="reflect")
-            x = F.pixel_unshuffle(x, self.unshuffle)
+        if self.unshuffle > 1:  # x2: the trunk upsamples x4, so the input is pixel-unshuffled by 2
+            x = F.pixel_unshuffle(_pad_to_even(x), self.unshuffle)
         feat = self.conv_first(x)
         feat = feat + self.conv_body(self.body(feat))
         feat = self.lrelu(self.conv_up1(F.interpolate(feat, scale_factor=2, mode="nearest")))
         feat = self.lrelu(self.conv_up2(F.interpolate(feat, scale_factor=2, mode="nearest")))
         out = self.conv_last(self.lrelu(self.conv_hr(feat)))
         return out[..., : h * self.config.scale, : w * self.config.scale]
+
+
+def _pad_to_even(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with one more row / column where its height / width is odd: the reflected one (row
+    ``h - 2``), as Real-ESRGAN's x2 inference pads before the pixel unshuffle; for a size of 1 the
+    row itself (nothing to reflect). Slices whose bounds come from the shape, no branch on it, so
+    torch.fx traces it (and the runtime fuses the whole network)."""
+    h, w = x.shape[-2:]
+    row = (h - 2) % h  # h - 2, or 0 when h == 1
+    x = torch.cat([x, x[..., row:row + h % 2, :]], dim=-2)
+    col = (w - 2) % w
+    return torch.cat([x, x[..., col:col + w % 2]], dim=-1)
 
 
 def detect(state_dict: dict[str, torch.Tensor]) -> tuple[RRDBNetConfig, dict[str, torch.Tensor]]:

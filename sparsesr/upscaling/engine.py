@@ -184,8 +184,11 @@ class UpscaleEngine:
                 y = tiled_forward(self._network(), x.to(self.dtype), self.model_scale, tile, self.options.tile_pad,
                                   progress, None if sink is None else checked)
             except Exception as exc:  # noqa: BLE001 - a half type the device cannot run: fall back
-                if self.dtype == torch.float32 or is_out_of_memory(exc) or isinstance(exc, SparseSRError):
+                if is_out_of_memory(exc) or isinstance(exc, SparseSRError):
                     raise
+                if self.dtype == torch.float32:  # the network itself refused this input: say so in one line
+                    raise SparseSRError(f"the {self.net.family} network failed on a {x.shape[-1]}x{x.shape[-2]} "
+                                        f"input: {(str(exc).splitlines() or [type(exc).__name__])[0][:200]}") from exc
                 if isinstance(exc, FloatingPointError):
                     self._fall_back("gave non-finite values")
                 else:
