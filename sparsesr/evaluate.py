@@ -120,7 +120,10 @@ def evaluate(
         dataset = SRImageDataset(list_images(folder), scale)
         scores: dict[str, dict[str, float]] = {}
         for lr, hr, name in tqdm(dataset, desc=f"{folder.name} x{scale}", disable=not progress, leave=False):
-            image_psnr, image_ssim = score_pair(upscaler, lr, hr, scale)
+            try:
+                image_psnr, image_ssim = score_pair(upscaler, lr, hr, scale)
+            except ValueError as exc:  # an image too small to score once its border is cropped
+                raise SparseSRError(f"{folder / name}: {exc}") from None
             scores[name] = {"psnr": image_psnr, "ssim": image_ssim}
         n = len(scores)
         entry = {

@@ -90,6 +90,17 @@ def checkpoint(tmp_path_factory):
     return path
 
 
+def test_an_image_too_small_to_score_is_one_error_naming_it(tmp_path, capsys):
+    from sparsesr.cli import main
+
+    write_image(tmp_path / "tiny.png", torch.rand(3, 4, 5))  # x2: 2x2 LR, 4x4 HR, nothing left after a 2-pixel crop
+    with pytest.raises(SparseSRError, match=r"tiny\.png: nothing left to score after cropping 2 pixels"):
+        evaluate(bicubic_upscaler(2), tmp_path, 2, progress=False)
+    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err and "tiny: nothing left" in err
+
+
 def test_a_checkpoint_runs_on_the_sparse_runtime(checkpoint, bench):
     """One loader for eval and upscale: a checkpoint is the runtime's model (exported in memory),
     not the dense training module, and it scores what the dense module scores."""
