@@ -120,10 +120,10 @@ def evaluate(
         dataset = SRImageDataset(list_images(folder), scale)
         scores: dict[str, dict[str, float]] = {}
         for lr, hr, name in tqdm(dataset, desc=f"{folder.name} x{scale}", disable=not progress, leave=False):
-            try:
-                image_psnr, image_ssim = score_pair(upscaler, lr, hr, scale)
-            except ValueError as exc:  # an image too small to score once its border is cropped
-                raise SparseSRError(f"{folder / name}: {exc}") from None
+            if min(hr.shape[-2:]) <= 2 * scale:  # nothing would be left once the border is cropped
+                raise SparseSRError(f"{folder / name}: {hr.shape[-1]}x{hr.shape[-2]} is too small to score at "
+                                    f"x{scale} (the protocol crops {scale} pixels from every border)")
+            image_psnr, image_ssim = score_pair(upscaler, lr, hr, scale)
             scores[name] = {"psnr": image_psnr, "ssim": image_ssim}
         n = len(scores)
         entry = {

@@ -94,11 +94,12 @@ def test_an_image_too_small_to_score_is_one_error_naming_it(tmp_path, capsys):
     from sparsesr.cli import main
 
     write_image(tmp_path / "tiny.png", torch.rand(3, 4, 5))  # x2: 2x2 LR, 4x4 HR, nothing left after a 2-pixel crop
-    with pytest.raises(SparseSRError, match=r"tiny\.png: nothing left to score after cropping 2 pixels"):
+    with pytest.raises(SparseSRError, match=r"/tiny: 4x4 is too small to score at x2 "
+                                            r"\(the protocol crops 2 pixels from every border\)$"):
         evaluate(bicubic_upscaler(2), tmp_path, 2, progress=False)
-    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(tmp_path), "-q"]) == 1
+    assert main(["eval", "--model", "bicubic", "--scale", "2", "--data", str(tmp_path), "-q"]) != 0
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err and "tiny: nothing left" in err
+    assert err.count("\n") == 1 and "Traceback" not in err and "tiny: 4x4 is too small" in err
 
 
 def test_a_checkpoint_runs_on_the_sparse_runtime(checkpoint, bench):
