@@ -30,6 +30,29 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def seeded_one_thread():
+    """One thread (tiny tensors, shared cores) and torch's seed at 0, for each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_smooth_images(folder: Path, sizes: list[tuple[int, int]], small: tuple[int, int] = (6, 7), seed: int = 0) -> Path:
+    """One PNG per (width, height) in ``sizes``: random ``small`` noise resized up (bicubic), so
+    that SR has something smooth to learn. Returns ``folder``."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for i, size in enumerate(sizes):
+        noise = rng.integers(0, 256, size=(*small, 3), dtype=np.uint8)
+        Image.fromarray(noise).resize(size, Image.BICUBIC).save(folder / f"img{i}.png")
+    return folder
+
+
 def pytest_terminal_summary(terminalreporter) -> None:
     """Say loudly when the quality tests on real data did not run: a green run without them says
     nothing about the shipped models."""

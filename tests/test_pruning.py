@@ -63,14 +63,7 @@ def kept(pruner) -> int:
     return sum(int(mask.sum()) for mask in pruner.masks.values())
 
 
-@pytest.fixture(autouse=True)
-def _seed_and_one_thread():
-    # One thread: these tensors are tiny and the machine's cores are shared.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 # --- selection of layers ----------------------------------------------------------------------

@@ -8,23 +8,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sparsesr.errors import ConfigError
 from sparsesr.models.checkpoint import load_checkpoint
 from sparsesr.train import load_config, train
 from sparsesr.train import loop as train_loop
 
+from conftest import write_smooth_images
+
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(6):
-        # smooth random images: low-res noise upsampled, so SR has something to learn
-        small = rng.integers(0, 256, size=(6, 7, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((40 + 2 * i, 36), Image.BICUBIC).save(folder / f"img{i}.png")
-    return folder
+    return write_smooth_images(tmp_path_factory.mktemp("images"), [(40 + 2 * i, 36) for i in range(6)])
 
 
 def _config(folder, *extra):

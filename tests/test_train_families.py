@@ -1,9 +1,7 @@
 """Training, pruning and scale transfer for the non-EDSR families, on tiny models and images."""
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sparsesr.errors import ConfigError
 from sparsesr.models import build_model, preset_config
@@ -12,6 +10,7 @@ from sparsesr.pruning import find_prunable, sparsity_report
 from sparsesr.train import load_config, train
 from sparsesr.train import loop as train_loop
 
+from conftest import write_smooth_images
 from native_keys import old_esrgan
 
 # Tiny versions of each family's preset (a few thousand weights).
@@ -24,23 +23,12 @@ TINY_SIZES = {arch: {o.split("=")[0].removeprefix("model."): int(o.split("=")[1]
               for arch, opts in TINY.items()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("seeded_one_thread")
 
 
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        small = rng.integers(0, 256, size=(5, 6, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((32 + 4 * i, 32), Image.BICUBIC).save(folder / f"img{i}.png")
-    return folder
+    return write_smooth_images(tmp_path_factory.mktemp("images"), [(32 + 4 * i, 32) for i in range(4)], small=(5, 6))
 
 
 def _config(folder, arch, *extra):
