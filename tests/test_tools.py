@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsesr.format import export
 from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.pruning import one_shot_prune
