@@ -282,7 +282,7 @@ def test_the_runtime_runs_other_families(tmp_path):
 PIPELINE_BACKENDS = ["dense", "cpu", "triton"]
 
 
-@pytest.mark.parametrize("how", ["params_ema", "safetensors"])
+@pytest.mark.parametrize("how", ["pth", "params_ema", "safetensors"])
 @pytest.mark.parametrize("case", ["edsr-pytorch", "edsr-basicsr-x4", "msrresnet-x2", "rrdbnet-x4", "rrdbnet-x2",
                                   "esrgan-old-names", "srvgg-prelu"])
 def test_native_file_info_prune_export_load_upscale(tmp_path, case, how, capsys, monkeypatch):
