@@ -388,3 +388,49 @@ def test_mean_shifts_are_folded_into_the_first_and_last_convs(scale, one_thread)
                 shift.register_forward_hook(lambda *args: calls.append(1))
             torch.testing.assert_close(model(x), want, atol=2e-6, rtol=1e-5)
             assert not calls, "a mean shift ran as a pass of its own"
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("scale", [2, 4])
+def test_upsampler_outputs_go_to_kept_buffers(tmp_path, scale):
+    """The upsampler's convs write into buffers kept across forwards (a fresh large output is page
+    faults); what the model returns is never one of them, and results do not depend on the reuse."""
+    import threading
+
+    model = pruned_model(scale=scale)
+    export(checkpoint_of(model), tmp_path / "m.safetensors")
+    sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="cpu")
+    ups = [m for m in sparse.tail[0] if isinstance(m, SparseConv2d)]
+    x1, x2, small = torch.rand(1, 3, 12, 10), torch.rand(1, 3, 12, 10), torch.rand(1, 3, 5, 7)
+    y1 = run(sparse, x1)
+    kept = {k: v.data_ptr() for k, v in sparse._kept_outputs.items()}
+    assert sorted(name for _, name in kept) == sorted(conv.name for conv in ups)
+    y2 = run(sparse, x2)
+    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.items()} == kept  # reused, not reallocated
+    assert y1.data_ptr() not in kept.values() and y2.data_ptr() not in kept.values()
+    for x, y in ((x1, y1), (x2, y2), (small, run(sparse, small))):  # a smaller input uses the buffers' front
+        assert relative_error(y, run(model, x)) < TOLERANCE["fp32"]
+    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.items()} == kept
+
+    inputs = [torch.rand(1, 3, 9 + i, 8) for i in range(4)]
+    outputs: dict[int, torch.Tensor] = {}
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            outputs[i] = run(sparse, inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, x in enumerate(inputs):  # each thread had its own buffers
+        assert relative_error(outputs[i], run(model, x)) < TOLERANCE["fp32"]
+
+
+def test_no_kept_buffer_on_the_dense_backend(tmp_path):
+    model = pruned_model()
+    export(checkpoint_of(model), tmp_path / "m.safetensors")
+    sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="dense")
+    run(sparse, torch.rand(1, 3, 8, 8))
+    assert sparse._kept_outputs == {}

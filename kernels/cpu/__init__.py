@@ -350,7 +350,7 @@ def _activation(name: str, t: object, shape: tuple[int, ...]) -> torch.Tensor:
 def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = None, relu: bool = False,
            residual: torch.Tensor | None = None, res_scale: float = 1.0, isa: str | None = None,
            band_rows: int = 0, band_cols: int = 0, shuffle: int = 1,
-           negative_slope: float | torch.Tensor | None = None) -> torch.Tensor:
+           negative_slope: float | torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Stride-1 zero-padded conv with the fused epilogue ``residual + res_scale * act(conv + bias)``.
 
     ``act`` is ReLU with ``relu=True``; with ``negative_slope`` it is ``max(y, 0) + slope * min(y, 0)``:
@@ -358,7 +358,9 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
     x is float32 NCHW on the CPU; ``isa`` forces a code path (default: ``isa()``);
     band_rows / band_cols override the cache tile size (0: automatic). ``shuffle=s`` > 1 stores
     the result pixel-shuffled, ``F.pixel_shuffle(conv2d(...), s)`` without the extra pass over
-    memory (an upsampler's conv; no residual then).
+    memory (an upsampler's conv; no residual then). ``out``: a float32 contiguous CPU tensor of the
+    output's shape to write into and return (a buffer kept across calls: a fresh large output costs
+    page faults, ~20 ms for 64 MiB); it must not overlap x, the residual, the bias or the slope.
     """
     if _sparseconv is None:
         raise RuntimeError(f"sparse CPU kernel unavailable ({_IMPORT_ERROR})")
@@ -401,7 +403,14 @@ def conv2d(x: torch.Tensor, prepared: PreparedConv, bias: torch.Tensor | None = 
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT32_MAX:
             raise ValueError(f"{name} must be an int in [0, 2**31) (0: automatic), got {value!r}")
     code = _ISA_CODES[_check_isa(isa.lower()) if isa else _default_isa()]
-    out = torch.empty(n, c_out // shuffle**2, h * shuffle, w * shuffle)
+    shape = (n, c_out // shuffle**2, h * shuffle, w * shuffle)
+    if out is None:
+        out = torch.empty(shape)
+    elif not (isinstance(out, torch.Tensor) and out.device.type == "cpu" and out.dtype == torch.float32
+              and tuple(out.shape) == shape and out.is_contiguous()):
+        found = (f"a {out.dtype} tensor of shape {tuple(out.shape)} on {out.device}"
+                 f"{'' if out.is_contiguous() else ', not contiguous'}") if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {shape}, got {found}")
     _sparseconv.conv2d(
         _array(x), _array(out), _array(residual), _array(bias), _array(slope), _array(group_ptr), _array(nz_k),
         _array(nz_val),

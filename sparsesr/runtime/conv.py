@@ -95,7 +95,15 @@ class SparseConv2d(nn.Module):
         """The float tensor of the weight (dense weight, CSR values or BSR block values)."""
         return getattr(self, _VALUES_BUFFER[self.layout])
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, res_scale: float = 1.0) -> torch.Tensor:
+    def output_shape(self, x: torch.Tensor) -> tuple[int, int, int, int]:
+        n, _, h, w = x.shape
+        s = self.shuffle
+        return n, self.out_channels // (s * s), h * s, w * s
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, res_scale: float = 1.0,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """``out``: where the CPU kernel path writes (a float32 contiguous tensor of ``output_shape(x)``
+        kept by the caller across calls); the other paths ignore it. Use the returned tensor."""
         if self.shuffle > 1 and residual is not None:
             raise ValueError(f"{self.name}: a pixel-shuffled conv takes no residual")
         if residual is not None and (residual.shape != (x.shape[0], self.out_channels, *x.shape[2:])
@@ -107,7 +115,7 @@ class SparseConv2d(nn.Module):
         if path == "cpu":  # the kernel stores the shuffled layout directly: no extra pass over memory
             cpu = backends.kernel("cpu")
             y = cpu.conv2d(x, self._cpu_prepared(), bias=self.bias, relu=self.relu, residual=residual,
-                           res_scale=res_scale, shuffle=self.shuffle, negative_slope=self.negative_slope)
+                           res_scale=res_scale, shuffle=self.shuffle, negative_slope=self.negative_slope, out=out)
         else:
             run = self._run_triton if path == "triton" else self._run_dense
             y = run(x, residual, res_scale)
