@@ -150,6 +150,27 @@ def test_negative_slope_is_checked():
         cpu.conv2d(x, prepared, relu=True, negative_slope=0.2)
 
 
+def test_out_is_written_and_checked():
+    weight = sparse_weight(8, 4, 3, 0.5)
+    prepared, x, bias = cpu.prepare_dense(weight), torch.randn(1, 4, 5, 6), torch.randn(8)
+    out = torch.full((1, 8, 5, 6), float("nan"))
+    y = cpu.conv2d(x, prepared, bias=bias, relu=True, out=out)
+    assert y is out
+    assert_matches(out, F.relu(reference(x, weight, bias)))
+    shuffled = torch.empty(1, 2, 10, 12)
+    assert cpu.conv2d(x, prepared, shuffle=2, out=shuffled) is shuffled
+    assert_matches(shuffled, F.pixel_shuffle(reference(x, weight, None), 2))
+    for bad, fragment in ((torch.empty(1, 8, 5, 5), "shape (1, 8, 5, 6)"), (torch.empty(1, 8, 5, 6, dtype=torch.float64), "float64"),
+                          (torch.empty(1, 8, 6, 5).transpose(2, 3), "not contiguous"), ("buffer", "got str")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            cpu.conv2d(x, prepared, out=bad)
+    same = torch.randn(1, 4, 5, 6)  # in place over the input: refused by the C checks, input untouched
+    kept = same.clone()
+    with pytest.raises(ValueError, match="overlaps"):
+        cpu.conv2d(same, cpu.prepare_dense(sparse_weight(4, 4, 3, 0.5)), out=same)
+    assert torch.equal(same, kept)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("block", [1, 4])
 @pytest.mark.parametrize("scale,h,w", [(2, 1, 1), (2, 7, 33), (2, 16, 16), (3, 5, 9)])
