@@ -78,6 +78,10 @@ def test_frontier_needs_scores(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match="expected model.safetensors and eval.json"):
         frontier.scores_of(tmp_path / "run")
+    kept = tmp_path / "dup-x2b-s90.safetensors"  # a finished run as checkpoints/ keeps it
+    kept.write_bytes(b"")
+    (tmp_path / "dup-x2b-s90.eval.json").write_text(json.dumps({"Set5": {"psnr": 37.0}, "BSD100": {"psnr": 31.6}}))
+    assert frontier.scores_of(kept) == (kept, {"Set5": 37.0, "BSD100": 31.6})
 
 
 # --- tools/save_partial.py -------------------------------------------------------------------------

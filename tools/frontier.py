@@ -4,8 +4,8 @@
         --dense runs/dense-x2-baseline runs/dense-x2-long [--size 256] [--threads 2] [--out docs/frontier-x2]
 
 Each argument is a run folder holding ``model.safetensors`` and ``eval.json`` (``sparsesr eval
---json`` on Set5, Set14 and BSD100, as tools/runs.sh writes it), or a model file with an
-``eval.json`` next to it as ``<file>.eval.json``. The sparse models are timed on sparsesr; the dense
+--json`` on Set5, Set14 and BSD100, as tools/runs.sh writes it), or a model file ``NAME.safetensors``
+with its scores beside it as ``NAME.eval.json`` (as checkpoints/ keeps finished runs). The sparse models are timed on sparsesr; the dense
 ones on every engine installed (``sparsesr.peers.compare_engines``: PyTorch, ONNX Runtime,
 OpenVINO f32 and its default precision, DeepSparse), all in this one process and run. A model is
 on the frontier when no dense point (model x engine) is both at most as slow and at least as good
@@ -23,9 +23,9 @@ SETS = ("Set5", "BSD100")  # the two the decision rules use
 
 
 def scores_of(entry: Path) -> tuple[Path, dict]:
-    """(model file, {set: psnr}) of a run folder or a model file with ``<file>.eval.json``."""
+    """(model file, {set: psnr}) of a run folder or of ``NAME.safetensors`` with ``NAME.eval.json``."""
     model, scores = (entry / "model.safetensors", entry / "eval.json") if entry.is_dir() else \
-        (entry, entry.with_name(entry.name + ".eval.json"))
+        (entry, entry.with_suffix(".eval.json"))
     if not model.is_file() or not scores.is_file():
         raise SystemExit(f"{entry}: expected {model.name} and {scores.name} there")
     data = json.loads(scores.read_text())
