@@ -16,24 +16,24 @@ restore dense-x2-baseline edsr-baseline-x2-dense.safetensors   # the parent, onc
 train dense-x2-baseline configs/dense-x2-baseline.toml   # 16000 steps: several sessions
 evaluate dense-x2-baseline &
 
-# name config sparsity granularity
-cat > runs/x2-baseline-jobs.txt <<'JOBS'
-dup-x2b-s90 configs/dup-x2-baseline.toml 0.9 1x1
-magnitude-x2b-s90 configs/magnitude-x2-baseline.toml 0.9 1x1
-dup-x2b-s90-4x1 configs/dup-x2-baseline.toml 0.9 4x1
-magnitude-x2b-s90-4x1 configs/magnitude-x2-baseline.toml 0.9 4x1
-dup-x2b-s95 configs/dup-x2-baseline.toml 0.95 1x1
-magnitude-x2b-s95 configs/magnitude-x2-baseline.toml 0.95 1x1
-dup-x2b-s95-4x1 configs/dup-x2-baseline.toml 0.95 4x1
-magnitude-x2b-s95-4x1 configs/magnitude-x2-baseline.toml 0.95 4x1
-dup-x2b-s80-4x1 configs/dup-x2-baseline.toml 0.8 4x1
+# name config [--set key=value ...], in the order they are worth having: the 90 % pair, the 95 %
+# pair (DUP vs magnitude), then x4 and the dense control (what ships and what it is compared with),
+# then the remaining block-sparse runs.
+X2=configs/dup-x2-baseline.toml MX2=configs/magnitude-x2-baseline.toml X4=configs/dup-x4-baseline.toml
+cat > runs/x2-baseline-jobs.txt <<JOBS
+dup-x2b-s90 $X2 --set prune.sparsity=0.9 --set prune.granularity=1x1
+magnitude-x2b-s90 $MX2 --set prune.sparsity=0.9 --set prune.granularity=1x1
+dup-x2b-s90-4x1 $X2 --set prune.sparsity=0.9 --set prune.granularity=4x1
+magnitude-x2b-s90-4x1 $MX2 --set prune.sparsity=0.9 --set prune.granularity=4x1
+dup-x2b-s95 $X2 --set prune.sparsity=0.95 --set prune.granularity=1x1
+magnitude-x2b-s95 $MX2 --set prune.sparsity=0.95 --set prune.granularity=1x1
+dup-x4-long-s90-4x1 $X4 --set model.arch=edsr-cpu --set model.init=checkpoints/edsr-cpu-x2-dense-long.safetensors
+dense-x2b-ft configs/dense-x2-baseline-ft.toml
+dup-x4b-s90-4x1 $X4
+dup-x2b-s95-4x1 $X2 --set prune.sparsity=0.95 --set prune.granularity=4x1
+magnitude-x2b-s95-4x1 $MX2 --set prune.sparsity=0.95 --set prune.granularity=4x1
+dup-x2b-s80-4x1 $X2 --set prune.sparsity=0.8 --set prune.granularity=4x1
 JOBS
-xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$1" --set prune.sparsity="$2" --set prune.granularity="$3" && evaluate "$0"' \
-    < runs/x2-baseline-jobs.txt
-train dense-x2b-ft configs/dense-x2-baseline-ft.toml && evaluate dense-x2b-ft   # dense control, same budget
-
-# x4 from the 64-channel parent and, for comparison, from the 32-channel one.
-train dup-x4b-s90-4x1 configs/dup-x4-baseline.toml && evaluate dup-x4b-s90-4x1 &
-train dup-x4-long-s90-4x1 configs/dup-x4-baseline.toml --set model.arch=edsr-cpu \
-    --set model.init=checkpoints/edsr-cpu-x2-dense-long.safetensors && evaluate dup-x4-long-s90-4x1
+# xargs splits each line into words: train NAME CONFIG OPTIONS..., then score NAME.
+xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$@" && evaluate "$0"' < runs/x2-baseline-jobs.txt
 wait
