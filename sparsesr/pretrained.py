@@ -25,9 +25,9 @@ class EmbeddedModel:
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     m.name: m
     for m in (
-        EmbeddedModel("x2", "edsr-cpu-x2.sparsesr.safetensors", 2, "default x2: pruned EDSR, balanced quality and speed"),
+        EmbeddedModel("x2", "edsr-baseline-x2.sparsesr.safetensors", 2, "default x2: EDSR-baseline (64 channels) 90% sparse, best quality"),
         EmbeddedModel("x4", "edsr-cpu-x4.sparsesr.safetensors", 4, "default x4: pruned EDSR, balanced quality and speed"),
-        EmbeddedModel("fast", "edsr-cpu-x2-fast.sparsesr.safetensors", 2, "x2, >= 90% sparse: fastest, a little softer"),
+        EmbeddedModel("fast", "edsr-cpu-x2-fast.sparsesr.safetensors", 2, "x2: small EDSR (32 channels) 90% sparse, fastest, softer"),
     )
 }
 DEFAULT_FOR_SCALE = {2: "x2", 4: "x4"}

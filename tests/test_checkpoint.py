@@ -213,8 +213,8 @@ def small_checkpoint(tmp_path):
 def test_prune_takes_embedded_names_and_a_local_file_wins(tmp_path, small_checkpoint, monkeypatch, capsys):
     assert main(["prune", "x2", "--sparsity", "0.9", "-o", str(tmp_path / "x2-90.safetensors")]) == 0
     pruned = load_checkpoint(tmp_path / "x2-90.safetensors")
-    assert pruned.config.n_feats == 32 and pruned.metadata["pruning"]["sparsity"] == 0.9
-    assert pruned.metadata["pruning"]["source"]["path"].endswith("edsr-cpu-x2.sparsesr.safetensors")
+    assert pruned.config.n_feats == 64 and pruned.metadata["pruning"]["sparsity"] == 0.9
+    assert pruned.metadata["pruning"]["source"]["path"].endswith("edsr-baseline-x2.sparsesr.safetensors")
     monkeypatch.chdir(tmp_path)
     small_checkpoint.rename(tmp_path / "x2")
     assert main(["prune", "x2", "--sparsity", "0.5", "-o", "local.safetensors"]) == 0

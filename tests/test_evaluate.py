@@ -171,9 +171,9 @@ def test_bicubic_reproduces_published_set14_bsd100(scale):
 
 
 # The project's quality bars for the embedded models (docs/models.md, "project bar"): PSNR(Y) on
-# Set5 above the published bicubic value by at least this many dB. `fast` trades quality for
-# speed, but must still clear bicubic by 2 dB (it measures +2.03).
-SHIPPED_BARS = {"x2": 3.0, "x4": 1.5, "fast": 2.0}
+# Set5 above the published bicubic value by at least this many dB. `x2`: 37.2 dB (issue #13; it
+# measures 37.28). `fast` trades quality for speed, but must still clear bicubic by 2 dB (+2.05).
+SHIPPED_BARS = {"x2": 3.54, "x4": 1.5, "fast": 2.0}
 
 
 @needs_shared_data

@@ -319,7 +319,7 @@ def test_load_takes_embedded_names(tmp_path, monkeypatch):
     from sparsesr.errors import ModelNotFoundError
 
     sparse = sparsesr.load("x2", device="cpu")
-    assert sparse.config.scale == 2 and sparse.model_file_source.endswith("edsr-cpu-x2.sparsesr.safetensors")
+    assert sparse.config.scale == 2 and sparse.model_file_source.endswith("edsr-baseline-x2.sparsesr.safetensors")
     monkeypatch.chdir(tmp_path)
     export(checkpoint_of(pruned_model(4)), tmp_path / "x2")
     assert runtime.load("x2", device="cpu").config.scale == 4

@@ -236,5 +236,7 @@ def test_shipped_models_are_seamless_from_the_warning_pad_on(name, one_thread):
     def seam(pad):
         return (tiled_forward(net, x, scale, tile=32, tile_pad=pad).clamp(0, 1) - full).abs().max().item()
 
-    assert seam(SEAMLESS_PAD) < 1 / 255 < seam(SEAMLESS_PAD - 2)
+    assert seam(SEAMLESS_PAD) < 1 / 255
+    if name == "x2":  # the widest model (64 channels) sets the edge: one pad step less shows seams
+        assert seam(SEAMLESS_PAD - 2) > 1 / 255
     assert seam(16) < 0.05 / 255  # the default pad: far below one level

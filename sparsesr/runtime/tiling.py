@@ -25,10 +25,11 @@ import torch
 from sparsesr.errors import NotEnoughMemoryError, UsageError
 
 MIN_TILE = 16  # below this, tiles are mostly padding: give up instead
-# Smallest pad at which the shipped models' tiled output stays within 1/255 of the untiled one
-# (measured: 0.66/255 at 8, 3.1/255 at 6, 137/255 at 0; docs/performance.md, "Memory and
-# tiling"). The default pad, 16, is twice that. Smaller pads are allowed with a warning.
-SEAMLESS_PAD = 8
+# Smallest even pad at which the shipped models' tiled output stays within 1/255 of the untiled
+# one. The 64-channel default x2 sets it (1.28/255 at 8, 0.14/255 at 10; the 32-channel models are
+# under 0.4/255 at 8); docs/performance.md, "Memory and tiling". The default pad, 16, is above it.
+# Smaller pads are allowed with a warning.
+SEAMLESS_PAD = 10
 Progress = Callable[[int, int], None]  # (tiles done, tiles in total)
 RowSink = Callable[[int, torch.Tensor], None]  # (first output row, finished rows [N, C, r, W*scale])
 
