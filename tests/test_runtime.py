@@ -430,6 +430,19 @@ def test_activations_go_to_kept_buffers(tmp_path, scale):
         assert relative_error(outputs[i], run(model, x)) < TOLERANCE["fp32"]
 
 
+@NEEDS_CPU_KERNEL
+def test_release_buffers_frees_the_kept_activations(tmp_path):
+    model = pruned_model()
+    export(checkpoint_of(model), tmp_path / "m.safetensors")
+    sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="cpu")
+    x = torch.rand(1, 3, 12, 10)
+    y = run(sparse, x)
+    held = sum(t.numel() * 4 for t in sparse._kept_outputs.values())
+    assert held > 0 and sparse.release_buffers() == held and sparse._kept_outputs == {}
+    torch.testing.assert_close(run(sparse, x), y)  # allocated again, same result
+    assert sparse._kept_outputs
+
+
 def test_no_kept_buffer_on_the_dense_backend(tmp_path):
     model = pruned_model()
     export(checkpoint_of(model), tmp_path / "m.safetensors")

@@ -350,6 +350,17 @@ def test_api_pil(mode):
     assert isinstance(out, PILImage.Image) and out.mode == mode and out.size == (18, 14)
 
 
+def test_release_memory_drops_the_cached_engine():
+    from sparsesr.upscaling import api, release_memory
+
+    sparsesr.upscale(PILImage.new("RGB", (9, 7)))
+    (engine,) = api._CACHE.values()
+    release_memory()
+    assert api._CACHE == {}
+    sparsesr.upscale(PILImage.new("RGB", (9, 7)))  # loads again
+    assert next(iter(api._CACHE.values())) is not engine
+
+
 def test_api_pil_16bit():
     im = PILImage.fromarray(np.full((5, 6), 40000, np.uint16))
     out = sparsesr.upscale(im)

@@ -61,6 +61,16 @@ class RuntimeModel(nn.Module):
         """Per layer: layout, requested backend, the path its last call took and why; kernel availability."""
         return {"layers": [conv.report() for conv in self.sparse_convs()], "kernels": backends.report()}
 
+    def release_buffers(self) -> int:
+        """Free the activation buffers kept across forwards (see ``SparseEDSR._kept``); returns the
+        bytes released. The next forward allocates them again. For a long-lived model (such as the
+        engine ``sparsesr.upscale`` caches) after a large image: a 1024² tile of the 64-channel
+        ``x2`` keeps about 2 GiB."""
+        kept = getattr(self, "_kept_outputs", {})
+        released = sum(t.numel() * t.element_size() for t in kept.values())
+        kept.clear()
+        return released
+
 
 class FusedResBlock(nn.Module):
     """EDSR's residual block with its ReLU and residual add fused into the convs' epilogues.

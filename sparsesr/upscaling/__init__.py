@@ -11,9 +11,10 @@
 """
 from __future__ import annotations
 
-from sparsesr.upscaling.api import upscale
+from sparsesr.upscaling.api import release_memory, upscale
 from sparsesr.upscaling.batch import BatchResult, upscale_files
 from sparsesr.upscaling.engine import UpscaleEngine, fill_transparent
 from sparsesr.upscaling.options import UpscaleOptions
 
-__all__ = ["BatchResult", "UpscaleEngine", "UpscaleOptions", "fill_transparent", "upscale", "upscale_files"]
+__all__ = ["BatchResult", "UpscaleEngine", "UpscaleOptions", "fill_transparent", "release_memory", "upscale",
+           "upscale_files"]

@@ -31,6 +31,13 @@ def _engine_for(model: str | os.PathLike | UpscaleEngine | None, scale: float | 
     return _CACHE[key]
 
 
+def release_memory() -> None:
+    """Drop the engine ``upscale`` keeps for its next call: the model and the activation buffers it
+    holds across forwards (about 2 GiB after a large image with the default x2; see
+    ``RuntimeModel.release_buffers``). The next call loads the model again."""
+    _CACHE.clear()
+
+
 def _file_identity(model: str | os.PathLike | None) -> tuple | None:
     """What changes when the file at ``model`` is replaced (an embedded name or None: nothing), so
     that a cached engine is not reused for a file that was overwritten since."""
