@@ -696,23 +696,23 @@ def test_fuzz_corrupted_prepared_weights():
 
 
 def fake_timings(dense: float, sparse: float, calls: list):
-    """A stand-in for cpu._best_time: should_use_sparse times dense first, then sparse."""
-    def best_time(fn, repeats=3):
-        calls.append(fn)
-        return dense if len(calls) % 2 == 1 else sparse
-    return best_time
+    """A stand-in for cpu._best_times: records both calls, returns the given times."""
+    def best_times(dense_fn, sparse_fn, rounds=5):
+        calls.extend((dense_fn, sparse_fn))
+        return dense, sparse
+    return best_times
 
 
 def test_should_use_sparse_follows_the_measurement_and_caches(monkeypatch):
     monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "0")
     monkeypatch.setattr(cpu, "_DECISIONS", {})
     calls = []
-    monkeypatch.setattr(cpu, "_best_time", fake_timings(dense=2.0, sparse=1.0, calls=calls))
+    monkeypatch.setattr(cpu, "_best_times", fake_timings(dense=2.0, sparse=1.0, calls=calls))
     prepared = cpu.prepare_dense(sparse_weight(8, 8, 3, 0.1))
     assert cpu.should_use_sparse(prepared, 128, 128) is True
     assert cpu.should_use_sparse(prepared, 256, 256) is True  # same key: no new measurement
     assert len(calls) == 2
-    monkeypatch.setattr(cpu, "_best_time", fake_timings(dense=1.0, sparse=2.0, calls=calls))
+    monkeypatch.setattr(cpu, "_best_times", fake_timings(dense=1.0, sparse=2.0, calls=calls))
     half = cpu.prepare_dense(sparse_weight(8, 8, 3, 0.5))
     assert cpu.should_use_sparse(half, 64, 64) is False
     assert len(calls) == 4
@@ -723,7 +723,7 @@ def test_should_use_sparse_file_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SPARSESR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(cpu, "_DECISIONS", {})
     calls = []
-    monkeypatch.setattr(cpu, "_best_time", fake_timings(dense=1.0, sparse=2.0, calls=calls))
+    monkeypatch.setattr(cpu, "_best_times", fake_timings(dense=1.0, sparse=2.0, calls=calls))
     prepared = cpu.prepare_dense(sparse_weight(8, 8, 3, 0.5))
     assert cpu.should_use_sparse(prepared, 32, 32) is False
     monkeypatch.setattr(cpu, "_DECISIONS", {})  # a new process: only the file remembers
@@ -732,7 +732,7 @@ def test_should_use_sparse_file_cache(monkeypatch, tmp_path):
 
 
 def test_should_use_sparse_decides_from_the_times_it_measured(monkeypatch, tmp_path):
-    """The real _best_time times the real dense conv and the real kernel on a clock that each of
+    """The real _best_times times the real dense conv and the real kernel on a clock that each of
     them advances by a known cost: the decision, and the decision cached, must follow the costs."""
     monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "1")
     monkeypatch.setenv("SPARSESR_CACHE_DIR", str(tmp_path))
@@ -759,13 +759,38 @@ def test_should_use_sparse_decides_from_the_times_it_measured(monkeypatch, tmp_p
         outputs["dense"].clear(), outputs["sparse"].clear()
         decision = cpu.should_use_sparse(prepared, 20, 20)
         assert decision is (sparse_cost < dense_cost)
-        # both really ran, a warm-up and 3 timed calls each, on the same input
-        assert len(outputs["dense"]) == len(outputs["sparse"]) == 4
+        # both really ran, a warm-up and 5 timed calls each, on the same input
+        assert len(outputs["dense"]) == len(outputs["sparse"]) == 6
         assert_matches(outputs["sparse"][-1], outputs["dense"][-1])
         assert list(json.loads((tmp_path / "cpu_dispatch.json").read_text()).values()) == [decision]
         monkeypatch.setattr(cpu, "_DECISIONS", {})  # a new process: the file answers, nothing is timed
         assert cpu.should_use_sparse(prepared, 20, 20) is decision
-        assert len(outputs["sparse"]) == 4
+        assert len(outputs["sparse"]) == 6
+
+
+def test_dispatch_times_dense_and_sparse_in_turn(monkeypatch):
+    """A burst of load must hit both: timings alternate, and a slow spell in the first rounds
+    (here every call of round 1 and 2 costs 10x) does not decide the layer."""
+    clock = types.SimpleNamespace(now=0.0, order=[])
+    monkeypatch.setattr(cpu, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+
+    def costing(name, cost):
+        def run():
+            clock.order.append(name)
+            burst = 10.0 if 2 < len(clock.order) <= 6 else 1.0  # the warm-ups are calls 1 and 2
+            clock.now += cost * burst
+        return run
+
+    dense, sparse = cpu._best_times(costing("d", 2e-3), costing("s", 1e-3))
+    assert clock.order == ["d", "s"] * 6
+    assert (dense, sparse) == pytest.approx((2e-3, 1e-3))
+
+
+def test_dispatch_key_names_the_timing(monkeypatch, tmp_path):
+    """Decisions cached by the older, one-after-the-other timing are never matched."""
+    monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "1")
+    key = cache_key_of(monkeypatch, tmp_path, cpu.prepare_dense(sparse_weight(8, 8, 3, 0.1)))
+    assert key.startswith("t2|")
 
 
 # Cache files this module never writes; each must be ignored (the layer is measured) and replaced.
@@ -797,7 +822,7 @@ def cache_key_of(monkeypatch, tmp_path, prepared) -> str:
 def test_invalid_cache_file_is_ignored_and_replaced(monkeypatch, tmp_path, poison):
     monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "1")
     calls = []
-    monkeypatch.setattr(cpu, "_best_time", fake_timings(dense=2.0, sparse=1.0, calls=calls))
+    monkeypatch.setattr(cpu, "_best_times", fake_timings(dense=2.0, sparse=1.0, calls=calls))
     prepared = cpu.prepare_dense(sparse_weight(8, 8, 3, 0.5))
     key = cache_key_of(monkeypatch, tmp_path, prepared)
     folder = tmp_path / "poisoned"
@@ -834,7 +859,7 @@ def test_valid_cache_file_is_trusted(monkeypatch, tmp_path):
     """The counterpart of the poisoned files: a well-formed file's answer is used as it is."""
     monkeypatch.setenv("SPARSESR_CPU_DISPATCH_CACHE", "1")
     calls = []
-    monkeypatch.setattr(cpu, "_best_time", fake_timings(dense=2.0, sparse=1.0, calls=calls))
+    monkeypatch.setattr(cpu, "_best_times", fake_timings(dense=2.0, sparse=1.0, calls=calls))
     prepared = cpu.prepare_dense(sparse_weight(8, 8, 3, 0.5))
     key = cache_key_of(monkeypatch, tmp_path, prepared)
     (tmp_path / "cpu_dispatch.json").write_text(json.dumps({key: False, "other": True}))
