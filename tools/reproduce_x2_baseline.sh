@@ -17,8 +17,8 @@ train dense-x2-baseline configs/dense-x2-baseline.toml   # 16000 steps: several 
 evaluate dense-x2-baseline &
 
 # name config [--set key=value ...], in the order they are worth having: the 90 % pair, the 95 %
-# pair (DUP vs magnitude), then x4 from the 64-channel body and the dense control (what ships and
-# what it is compared with), then the remaining block-sparse runs and x4 from the 32-channel body.
+# pair (DUP vs magnitude), then x4 from the 64-channel body, the dense control, x4 from the
+# 32-channel body (rule 4 compares the two x4 runs), then the remaining block-sparse runs.
 X2=configs/dup-x2-baseline.toml MX2=configs/magnitude-x2-baseline.toml X4=configs/dup-x4-baseline.toml
 cat > runs/x2-baseline-jobs.txt <<JOBS
 dup-x2b-s90 $X2 --set prune.sparsity=0.9 --set prune.granularity=1x1
@@ -29,10 +29,10 @@ dup-x2b-s95 $X2 --set prune.sparsity=0.95 --set prune.granularity=1x1
 magnitude-x2b-s95 $MX2 --set prune.sparsity=0.95 --set prune.granularity=1x1
 dup-x4b-s90-4x1 $X4
 dense-x2b-ft configs/dense-x2-baseline-ft.toml
+dup-x4-long-s90-4x1 $X4 --set model.arch=edsr-cpu --set model.init=checkpoints/edsr-cpu-x2-dense-long.safetensors
 dup-x2b-s95-4x1 $X2 --set prune.sparsity=0.95 --set prune.granularity=4x1
 magnitude-x2b-s95-4x1 $MX2 --set prune.sparsity=0.95 --set prune.granularity=4x1
 dup-x2b-s80-4x1 $X2 --set prune.sparsity=0.8 --set prune.granularity=4x1
-dup-x4-long-s90-4x1 $X4 --set model.arch=edsr-cpu --set model.init=checkpoints/edsr-cpu-x2-dense-long.safetensors
 JOBS
 # xargs splits each line into words: train NAME CONFIG OPTIONS..., then score NAME.
 xargs -P "$JOBS" -L 1 bash -c 'train "$0" "$@" && evaluate "$0"' < runs/x2-baseline-jobs.txt
