@@ -405,14 +405,14 @@ def test_activations_go_to_kept_buffers(tmp_path, scale):
     ups = [m for m in sparse.tail[0] if isinstance(m, SparseConv2d)]
     x1, x2, small = torch.rand(1, 3, 12, 10), torch.rand(1, 3, 12, 10), torch.rand(1, 3, 5, 7)
     y1 = run(sparse, x1)
-    kept = {k: v.data_ptr() for k, v in sparse._kept_outputs.items()}
+    kept = {k: v.data_ptr() for k, v in sparse._kept_outputs.held.items()}
     assert sorted(name for _, name in kept) == sorted(["head", "mid", "turn0", "turn1"] + [conv.name for conv in ups])
     y2 = run(sparse, x2)
-    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.items()} == kept  # reused, not reallocated
+    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.held.items()} == kept  # reused, not reallocated
     assert y1.data_ptr() not in kept.values() and y2.data_ptr() not in kept.values()
     for x, y in ((x1, y1), (x2, y2), (small, run(sparse, small))):  # a smaller input uses the buffers' front
         assert relative_error(y, run(model, x)) < TOLERANCE["fp32"]
-    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.items()} == kept
+    assert {k: v.data_ptr() for k, v in sparse._kept_outputs.held.items()} == kept
 
     inputs = [torch.rand(1, 3, 9 + i, 8) for i in range(4)]
     outputs: dict[int, torch.Tensor] = {}
@@ -437,10 +437,10 @@ def test_release_buffers_frees_the_kept_activations(tmp_path):
     sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="cpu")
     x = torch.rand(1, 3, 12, 10)
     y = run(sparse, x)
-    held = sum(t.numel() * 4 for t in sparse._kept_outputs.values())
-    assert held > 0 and sparse.release_buffers() == held and sparse._kept_outputs == {}
+    held = sum(t.numel() * 4 for t in sparse._kept_outputs.held.values())
+    assert held > 0 and sparse.release_buffers() == held and sparse._kept_outputs.held == {}
     torch.testing.assert_close(run(sparse, x), y)  # allocated again, same result
-    assert sparse._kept_outputs
+    assert sparse._kept_outputs.held
 
 
 def test_no_kept_buffer_on_the_dense_backend(tmp_path):
@@ -448,4 +448,4 @@ def test_no_kept_buffer_on_the_dense_backend(tmp_path):
     export(checkpoint_of(model), tmp_path / "m.safetensors")
     sparse = runtime.load(tmp_path / "m.safetensors", device="cpu", backend="dense")
     run(sparse, torch.rand(1, 3, 8, 8))
-    assert sparse._kept_outputs == {}
+    assert sparse._kept_outputs.held == {}

@@ -21,6 +21,7 @@ from sparsesr.models import build_model
 from sparsesr.models.checkpoint import save_checkpoint
 from sparsesr.runtime import SparseConv2d, SparseModel, backends
 from sparsesr.runtime import sparsify as sparsify_module
+from sparsesr.runtime.kept import KeptOutputs
 from sparsesr.runtime.sparsify import sparsify
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -102,9 +103,9 @@ def fusions(model: nn.Module) -> tuple[int, int, int]:
 
 
 def modules_left(model: nn.Module) -> set[str]:
-    """Layers other than the sparse convs (the activations and shuffles not fused)."""
+    """Layers other than the sparse convs and kept buffers (the activations and shuffles not fused)."""
     return {type(m).__name__ for m in model.modules()
-            if not list(m.children()) and not isinstance(m, (SparseConv2d, fx.GraphModule))}
+            if not list(m.children()) and not isinstance(m, (SparseConv2d, fx.GraphModule, KeptOutputs))}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -276,3 +277,98 @@ def test_eligibility():
                  nn.Conv2d(4, 4, 2, padding=1), nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"),
                  type("MyConv", (nn.Conv2d,), {})(4, 4, 3, padding=1)):
         assert not sparsify_module.is_eligible(conv), conv
+
+
+# --- kept output buffers (issue #12): convs read only by convs write into buffers kept across forwards ---
+
+NEEDS_CPU_KERNEL = pytest.mark.skipif(CPU_REASON is not None, reason=f"CPU kernel: {CPU_REASON}")
+
+
+def kept_buffers(model: nn.Module) -> dict[tuple, torch.Tensor]:
+    """Every buffer the model's ``KeptOutputs`` hold, keyed (which module, thread, slot)."""
+    return {(i, *key): t for i, k in enumerate(m for m in model.modules() if isinstance(m, KeptOutputs))
+            for key, t in k.held.items()}
+
+
+def set_kept(model: nn.Module, enabled: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, KeptOutputs):
+            m.enabled = enabled
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    start_a, start_b = a.untyped_storage().data_ptr(), b.untyped_storage().data_ptr()
+    return start_a < start_b + b.untyped_storage().nbytes() and start_b < start_a + a.untyped_storage().nbytes()
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("case", list(CASES))
+def test_kept_buffers_are_reused_and_never_returned(exported, case):
+    sparse = sparsesr.load(exported[case, "fp32"][1], device="cpu", backend="cpu")
+    x1, x2 = torch.rand(1, 3, 12, 10), torch.rand(1, 3, 12, 10)
+    y1 = run(sparse, x1)
+    first, kept = y1.clone(), kept_buffers(sparse)
+    assert kept  # every family has convs read only by convs (MSRResNet's body, RRDBNet's conv_up2 / conv_hr, ...)
+    y2 = run(sparse, x2)
+    assert {k: t.data_ptr() for k, t in kept_buffers(sparse).items()} == {k: t.data_ptr() for k, t in kept.items()}
+    assert torch.equal(y1, first)  # the second forward wrote into its buffers, not into the first result
+    assert not any(overlaps(y, t) for y in (y1, y2) for t in kept.values())
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("case", list(CASES))
+def test_kept_buffers_give_the_same_results_as_fresh_outputs(exported, case):
+    sparse = sparsesr.load(exported[case, "fp32"][1], device="cpu", backend="cpu")
+    sizes = [(2, 3, 12, 10), (1, 3, 12, 10), (2, 3, 9, 7), (1, 3, 5, 6)]  # the largest first, then its front
+    inputs = [torch.rand(size) for size in sizes]
+    with_kept = [run(sparse, inputs[0])]
+    grown = {k: (t.data_ptr(), t.numel()) for k, t in kept_buffers(sparse).items()}
+    assert grown
+    with_kept += [run(sparse, x) for x in inputs[1:]]
+    assert {k: (t.data_ptr(), t.numel()) for k, t in kept_buffers(sparse).items()} == grown  # not reallocated
+    set_kept(sparse, False)
+    fresh = [run(sparse, x) for x in inputs]
+    for y, reference in zip(with_kept, fresh):
+        assert torch.equal(y, reference)
+    assert {k: (t.data_ptr(), t.numel()) for k, t in kept_buffers(sparse).items()} == grown  # off: untouched
+
+
+def test_kept_slots_are_shared_by_lifetime():
+    """A long residual chain takes three slots, and no call writes into a slot whose value is still to be read."""
+    torch.manual_seed(0)
+    network = build_model("msrresnet", 4, num_block=6, n_feats=8).eval()
+    with torch.device("meta"):
+        meta = build_model("msrresnet", 4, num_block=6, n_feats=8)
+    graph = sparsify(meta, model_file_of(network)).graph
+    nodes = list(graph.nodes)
+    writes = {node: node.kwargs["out"].args[2] for node in nodes if "out" in node.kwargs}
+    assert len(writes) == 6 * 2 + 1 + 3  # conv_first, the blocks, upconv1, upconv2, conv_hr: not conv_last
+    assert set(writes.values()) == {0, 1, 2}
+    occupant: dict[int, fx.Node] = {}
+    for i, node in enumerate(nodes):
+        if node in writes:
+            previous = occupant.get(writes[node])
+            assert previous is None or all(nodes.index(user) < i for user in previous.users), node
+            occupant[writes[node]] = node
+    output = next(node for node in nodes if node.op == "output")
+    assert "out" not in output.args[0].kwargs  # the caller keeps what the network returns
+
+
+@NEEDS_CPU_KERNEL
+@pytest.mark.parametrize("case", ["msrresnet-x4", "srvgg-prelu-x4"])
+def test_release_buffers_frees_the_kept_outputs(exported, case):
+    sparse = sparsesr.load(exported[case, "fp32"][1], device="cpu", backend="cpu")
+    x = torch.rand(1, 3, 12, 10)
+    y = run(sparse, x)
+    held = sum(t.numel() * t.element_size() for t in kept_buffers(sparse).values())
+    assert held > 0 and sparse.release_buffers() == held and kept_buffers(sparse) == {}
+    assert sparse.release_buffers() == 0
+    assert torch.equal(run(sparse, x), y) and kept_buffers(sparse)  # allocated again, same result
+    twin = copy.deepcopy(sparse)  # the half-precision copy upscaling makes: its own, empty to start
+    assert kept_buffers(twin) == {} and torch.equal(run(twin, x), y)
+
+
+def test_no_kept_outputs_on_the_dense_backend(exported):
+    sparse = sparsesr.load(exported["msrresnet-x4", "fp32"][1], device="cpu", backend="dense")
+    run(sparse, torch.rand(1, 3, 8, 8))
+    assert kept_buffers(sparse) == {} and sparse.release_buffers() == 0

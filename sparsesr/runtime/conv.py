@@ -126,6 +126,10 @@ class SparseConv2d(nn.Module):
 
     # --- dispatch ----------------------------------------------------------------------------
 
+    def path_for(self, x: torch.Tensor) -> str:
+        """The path ``forward(x)`` takes: "cpu" (the only one that writes into ``out``), "triton" or "dense"."""
+        return self._choose_path(x)[0]
+
     def _choose_path(self, x: torch.Tensor) -> tuple[str, str]:
         device = x.device.type
         if self.layout == "dense" and (self.backend == "triton" or device == "cuda"):

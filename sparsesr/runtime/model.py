@@ -6,7 +6,6 @@ last convs); every other family gets ``SparseModel`` (``sparsify``: fusions foun
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 from torch import nn
@@ -16,6 +15,7 @@ from sparsesr.models.edsr import EDSR, ResBlock
 from sparsesr.models.registry import family_of, get_family
 from sparsesr.runtime import backends
 from sparsesr.runtime.conv import SparseConv2d
+from sparsesr.runtime.kept import KeptOutputs
 from sparsesr.runtime.sparsify import sparsify
 
 
@@ -62,14 +62,11 @@ class RuntimeModel(nn.Module):
         return {"layers": [conv.report() for conv in self.sparse_convs()], "kernels": backends.report()}
 
     def release_buffers(self) -> int:
-        """Free the activation buffers kept across forwards (see ``SparseEDSR._kept``); returns the
-        bytes released. The next forward allocates them again. For a long-lived model (such as the
-        engine ``sparsesr.upscale`` caches) after a large image: a 1024² tile of the 64-channel
-        ``x2`` keeps about 2 GiB."""
-        kept = getattr(self, "_kept_outputs", {})
-        released = sum(t.numel() * t.element_size() for t in kept.values())
-        kept.clear()
-        return released
+        """Free the activation buffers kept across forwards (every ``KeptOutputs`` of the model);
+        returns the bytes released. The next forward allocates them again. For a long-lived model
+        (such as the engine ``sparsesr.upscale`` caches) after a large image: a 1024² tile of the
+        64-channel ``x2`` keeps about 2 GiB."""
+        return sum(m.release() for m in self.modules() if isinstance(m, KeptOutputs))
 
 
 class FusedResBlock(nn.Module):
@@ -115,7 +112,7 @@ class SparseEDSR(RuntimeModel, EDSR):
                 for buffer_name, _ in list(module.named_buffers(recurse=False)):
                     setattr(module, buffer_name, tensors[f"{module_name}.{buffer_name}"].clone())
         self.model_file_source = model_file.source
-        self._kept_outputs: dict[tuple[int, str], torch.Tensor] = {}  # (thread, conv) -> buffer
+        self._kept_outputs = KeptOutputs()  # slots: "head", "mid", "turn0/1", the upsampler's conv names
         self._fold_mean_shifts()
 
     def _fold_mean_shifts(self) -> None:
@@ -145,48 +142,27 @@ class SparseEDSR(RuntimeModel, EDSR):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._input_shift is None:
             return super().forward(x)
-        # Every activation but the output goes into a kept buffer (see _kept): the head's output
-        # (the body's long skip), one for the blocks' middle activation, and two that the blocks
-        # write in turn, each reading the other's. A path that ignores `out` returns a new tensor.
-        head = self.head[0]
-        skip = head(x - self._input_shift, out=self._kept(head, x, "head"))
+        # Every activation but the output goes into a kept buffer (see KeptOutputs): the head's
+        # output (the body's long skip), one for the blocks' middle activation, two that the blocks
+        # write in turn (each reading the other's), and the upsampler's. They are only read later
+        # in this forward. A path that ignores `out` returns a new tensor.
+        kept, head = self._kept_outputs, self.head[0]
+        skip = head(x - self._input_shift, out=kept(head, x, "head"))
         y, turn = skip, 0
         for block in self.body[:-1]:
             if isinstance(block, FusedResBlock):
                 conv1, conv2 = block.body[0], block.body[2]
-                mid = conv1(y, out=self._kept(conv1, y, "mid"))
-                y = conv2(mid, residual=y, res_scale=block.res_scale, out=self._kept(conv2, mid, f"turn{turn}"))
+                mid = conv1(y, out=kept(conv1, y, "mid"))
+                y = conv2(mid, residual=y, res_scale=block.res_scale, out=kept(conv2, mid, f"turn{turn}"))
                 turn ^= 1
             else:
                 y = block(y)
         # the body's long skip (skip + body(skip)) as the residual of its last conv's epilogue
         last = self.body[-1]
-        y = last(y, residual=skip, out=self._kept(last, y, f"turn{turn}"))
+        y = last(y, residual=skip, out=kept(last, y, f"turn{turn}"))
         for module in self.tail[0]:  # the upsampler
-            y = module(y, out=self._kept(module, y)) if isinstance(module, SparseConv2d) else module(y)
+            y = module(y, out=kept(module, y, module.name)) if isinstance(module, SparseConv2d) else module(y)
         return self.tail[1](y)  # a new tensor: the caller's to keep
-
-    def _kept(self, conv: SparseConv2d, x: torch.Tensor, slot: str | None = None) -> torch.Tensor | None:
-        """A buffer for ``conv``'s output that lives across forwards, on the CPU.
-
-        The upsampler's outputs are the largest tensors of the network (64 MiB for a 256² input at
-        x2): above glibc's mmap threshold (32 MiB at most), so a fresh one is new pages every call
-        and the page faults cost more than the conv itself (measured: 27 ms against 7 ms into a
-        kept buffer); so are the body's activations of a large tile (256 MiB at 1024², 64
-        channels). They are only read later in this forward, so one buffer per ``slot`` (default:
-        the conv's name) and thread (concurrent forwards from other threads get their own) is safe
-        to reuse; it grows to the largest input seen and smaller inputs (edge tiles) use its front.
-        """
-        if x.device.type != "cpu" or x.dtype != torch.float32 or conv.backend in ("dense", "triton") \
-                or backends.unavailable_reason("cpu") is not None:
-            return None  # a path that does not take the buffer: do not hold one
-        shape = conv.output_shape(x)
-        numel = shape[0] * shape[1] * shape[2] * shape[3]
-        key = (threading.get_ident(), slot or conv.name)
-        kept = self._kept_outputs.get(key)
-        if kept is None or kept.numel() < numel:
-            kept = self._kept_outputs[key] = torch.empty(numel)
-        return kept[:numel].view(shape)
 
 
 class SparseModel(RuntimeModel):

@@ -5,7 +5,9 @@
    was allocated for it), replacing each eligible ``nn.Conv2d`` by a ``SparseConv2d`` and keeping
    every other layer (ineligible convs included) dense;
 2. traces the network with ``torch.fx`` and fuses into the convs' epilogues what follows them
-   (see ``_PASSES``): an activation, a pixel shuffle, a residual add with a constant scale.
+   (see ``_PASSES``): an activation, a pixel shuffle, a residual add with a constant scale;
+3. gives every conv whose output only other convs read a buffer kept across forwards
+   (``_keep_outputs``; the graph's output is never one).
 
 A forward that cannot be traced (data-dependent control flow, e.g. RRDBNet x2's padding of odd
 sizes) keeps its own layers unfused and its children are traced one by one instead: fusions are
@@ -21,6 +23,7 @@ from torch import fx, nn
 from sparsesr.errors import BackendError
 from sparsesr.format.reader import SparseModelFile
 from sparsesr.runtime.conv import SparseConv2d
+from sparsesr.runtime.kept import KeptOutputs
 
 ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 
@@ -112,6 +115,7 @@ def _fused(module: nn.Module) -> nn.Module:
     for fuse in _PASSES:
         fuse(traced, calls)
     traced.graph.eliminate_dead_code()
+    _keep_outputs(traced)
     traced.graph.lint()
     traced.recompile()
     traced.delete_all_unused_submodules()  # the fused activations and shuffles
@@ -217,3 +221,42 @@ def _fuse_residuals(gm: fx.GraphModule, calls: list[str]) -> None:
 # Activations before shuffles (a per-channel PReLU fuses only there), then the activations after a
 # shuffle, then the residual adds (which come after the activation in the epilogue).
 _PASSES = (_fuse_activations, _fuse_pixel_shuffles, _fuse_activations, _fuse_residuals)
+
+
+# --- kept output buffers ------------------------------------------------------------------------------
+
+
+def _keep_outputs(gm: fx.GraphModule) -> None:
+    """Every conv call whose output only other conv calls read (as input or residual) writes into
+    a buffer kept across forwards: ``conv(x, out=kept_outputs(conv, x, slot))``.
+
+    Slots are shared by lifetime: a value's slot is free again once its last reader has run, and
+    a call never writes into the slot of a value it reads (the kernel's ``out`` must not overlap
+    its inputs). A chain of residual blocks takes three (block input, middle, block output).
+    Values read by anything else (a torch op, the graph's output) stay fresh tensors: those ops
+    may return views of them or keep them, and the caller keeps the output.
+    """
+    def is_conv(node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(gm.get_submodule(node.target), SparseConv2d)
+
+    def takes_out(node: fx.Node) -> bool:  # conv(x) or conv(x, residual=..., res_scale=...)
+        return is_conv(node) and len(node.args) == 1 and set(node.kwargs) <= {"residual", "res_scale"}
+
+    kept = {n for n in gm.graph.nodes if takes_out(n) and n.users and all(is_conv(u) for u in n.users)}
+    if not kept:
+        return
+    last_reader = {value: node for node in gm.graph.nodes for value in node.all_input_nodes}
+    slot_of: dict[fx.Node, int] = {}
+    free: list[int] = []
+    for node in gm.graph.nodes:
+        if node in kept:  # before freeing what this call reads: its output must not overlap them
+            slot_of[node] = free.pop() if free else len(set(slot_of.values()))
+        for value in node.all_input_nodes:
+            if value in slot_of and last_reader[value] is node:
+                free.append(slot_of[value])
+    gm.add_module("kept_outputs", KeptOutputs())
+    for node, slot in slot_of.items():
+        with gm.graph.inserting_before(node):
+            conv = gm.graph.get_attr(node.target)
+            out = gm.graph.call_module("kept_outputs", (conv, node.args[0], slot))
+        node.kwargs = {**node.kwargs, "out": out}
