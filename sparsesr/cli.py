@@ -242,8 +242,8 @@ def _add_upscale(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "fp16", "bf16"),
                    help="compute type (auto: fp32 on CPU, fp16 on CUDA). bf16 on the CPU runs dense bf16 convolutions "
-                   "where the CPU has AMX-BF16 (faster, about 0.01 dB lower PSNR); a half type without a fast path "
-                   "here runs fp32 with a warning")
+                   "where the CPU has AMX-BF16 (up to 0.011 dB lower PSNR; see docs/models.md); a half type "
+                   "without a fast path here runs fp32 with a warning")
     p.add_argument("--backend", default="auto", choices=("auto", "sparse", "dense"),
                    help="auto or sparse (the same): each layer takes the sparse kernel where it is measured "
                    "faster at the image's size, else dense; dense: dense convolutions only. The final "
