@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from tqdm import tqdm
 from sparsesr.data.datasets import SRImageDataset, list_images
 from sparsesr.data.image_io import quantize
 from sparsesr.data.resize import imresize
-from sparsesr.errors import ConfigError, SparseSRError
+from sparsesr.errors import ConfigError, SparseSRError, UsageError
 from sparsesr.metrics import psnr, ssim
 
 __all__ = ["EvalModel", "UpscaleFn", "bicubic_upscaler", "evaluate", "format_table", "load_eval_model", "score_pair"]
@@ -53,15 +54,26 @@ class EvalModel:
     net: torch.nn.Module | None = None  # the runtime model (None for bicubic)
 
 
-def load_eval_model(spec: str, scale: int | None = None, device: str = "auto") -> EvalModel:
+def load_eval_model(spec: str, scale: int | None = None, device: str = "auto", precision: str = "auto",
+                    warn: Callable[[str], None] | None = None) -> EvalModel:
     """``bicubic`` (at ``scale``, default 2), or what ``sparsesr.load`` takes (an embedded name, an
     exported file, a checkpoint of any family the runtime runs) on the sparse runtime. A ``scale``
-    other than the model's own is an error: published tables score a model at its own scale."""
+    other than the model's own is an error: published tables score a model at its own scale.
+
+    ``precision``: "auto" or "fp32" (the reference), or "bf16" to measure its cost: on the CPU it
+    runs the dense bf16 copy (``sparsesr.runtime.precision.DenseBf16``) where the CPU has AMX-BF16,
+    else fp32 after a one-line ``warn`` (default: ``warnings.warn``), as ``sparsesr upscale`` does.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise UsageError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
     if spec == "bicubic":
+        if precision == "bf16":
+            raise UsageError("--precision bf16 applies to networks; bicubic is computed in float64")
         scale = scale or 2
         return EvalModel(bicubic_upscaler(scale), scale, f"bicubic x{scale}")
     import sparsesr
     from sparsesr.pretrained import resolve_model
+    from sparsesr.runtime.precision import compute_dtype, half_network
 
     path = resolve_model(spec, also=("bicubic",))  # resolved here so that a bad name lists bicubic too
     net = sparsesr.load(path, device=device)
@@ -69,12 +81,16 @@ def load_eval_model(spec: str, scale: int | None = None, device: str = "auto") -
     if scale is not None and scale != model_scale:
         raise SparseSRError(f"{spec} is a x{model_scale} model, but --scale {scale} was asked for")
     on = next(itertools.chain(net.parameters(), net.buffers())).device
+    dtype = compute_dtype("fp32" if precision == "auto" else precision, on,
+                          warn or (lambda message: warnings.warn(message, stacklevel=3)))
+    network = net if dtype == torch.float32 else half_network(net, dtype, on)
+    runs_on = f"sparse runtime on {on}" if dtype == torch.float32 else f"{str(dtype).removeprefix('torch.')} on {on}"
 
     @torch.no_grad()
     def run(lr: torch.Tensor) -> torch.Tensor:
-        return net(lr.to(on))
+        return network(lr.to(on, dtype)).float()
 
-    return EvalModel(run, model_scale, f"{path.name} ({net.family} x{model_scale}, sparse runtime on {on})", net)
+    return EvalModel(run, model_scale, f"{path.name} ({net.family} x{model_scale}, {runs_on})", net)
 
 
 @torch.no_grad()

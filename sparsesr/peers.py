@@ -62,26 +62,19 @@ class Engine:
 def cpu_description() -> str:
     """CPU model name and the vector ISA that matters for these kernels, e.g.
     ``AMD EPYC 7B13 (AVX2)``; every quoted time names the machine it was measured on."""
-    name, flags, info = "unknown CPU", set(), {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("model name", "cpu family", "model") and key not in info:
-                    info[key] = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-        name = info.get("model name", name)
-        if "cpu family" in info:  # VMs often hide the model name ("AMD EPYC"); family/model still tell Zen 1..4
-            name += f", family {info['cpu family']} model {info.get('model', '?')}"
-    except OSError:
+    from sparsesr.runtime.cpuinfo import cpu_info
+
+    info = cpu_info()
+    name = info.model_name
+    if name is None:
         import platform
 
-        name = platform.processor() or platform.machine() or name
-    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512_BF16"),
-                                     ("avx2", "AVX2"), ("asimd", "NEON")) if flag in flags]
-    if "AVX-512" in isa:
+        name = platform.processor() or platform.machine() or "unknown CPU"
+    if info.family is not None:  # VMs often hide the model name ("AMD EPYC"); family/model still tell Zen 1..4
+        name += f", family {info.family} model {info.model or '?'}"
+    isa = [label for flag, label in (("avx512f", "AVX-512"), ("avx512_bf16", "AVX512_BF16"), ("amx_bf16", "AMX-BF16"),
+                                     ("avx2", "AVX2"), ("asimd", "NEON")) if flag in info.flags]
+    if "AVX-512" in isa and "AVX2" in isa:
         isa.remove("AVX2")  # implied
     return f"{name} ({', '.join(isa) or 'no AVX2'})"
 

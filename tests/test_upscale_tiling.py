@@ -219,10 +219,12 @@ def test_a_small_pad_warns_and_the_default_does_not():
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_half_precision_on_the_cpu_warns_once_and_runs_fp32(precision, one_thread):
+def test_half_precision_on_the_cpu_warns_once_and_runs_fp32(precision, one_thread, monkeypatch):
+    monkeypatch.setattr("sparsesr.runtime.precision.cpu_has_amx_bf16", lambda: False)  # bf16's fast path needs AMX
     seen = []
     upscaler = _engine(device="cpu", precision=precision, warn=seen.append)
-    assert seen == [f"{precision} has no fast CPU path here; running fp32"]
+    needs = " (it needs a CPU with AMX-BF16)" if precision == "bf16" else ""
+    assert seen == [f"{precision} has no fast CPU path here{needs}; running fp32"]
     assert upscaler.dtype == torch.float32 and upscaler._network() is upscaler.net
     pixels = _pixels("RGB", 12, 12)
     assert torch.equal(upscaler.upscale_pixels(pixels), _engine(device="cpu", precision="fp32").upscale_pixels(pixels))

@@ -90,6 +90,19 @@ class SparseConv2d(nn.Module):
         setattr(self, name, getattr(self, name) * factor)
         self._dense_cache = self._cpu_cache = None
 
+    def store_dense(self) -> None:
+        """Keep the weight as a dense tensor (layout "dense"), dropping the sparse one and the
+        kernels' prepared copies: for a copy that only runs dense convs (the bf16 CPU path)."""
+        if self.layout != "dense":
+            weight = self.dense_weight(self._values.dtype).clone()
+            for name, _ in list(self.named_buffers(recurse=False)):
+                if name not in ("bias", "prelu_weight"):
+                    delattr(self, name)
+            self.register_buffer("weight", weight)
+            self.layout, self.block = "dense", None
+        self._dense_cache = self._cpu_cache = None
+        self._cpu_faster = {}
+
     @property
     def _values(self) -> torch.Tensor:
         """The float tensor of the weight (dense weight, CSR values or BSR block values)."""

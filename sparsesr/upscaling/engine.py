@@ -6,7 +6,6 @@ family the runtime assembles, or any module with those attributes.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 import warnings
@@ -21,10 +20,10 @@ from sparsesr.data.image_io import Image, _to_uint16, to_uint8
 from sparsesr.data.resize import imresize
 from sparsesr.errors import NotEnoughMemoryError, SparseSRError
 from sparsesr.pretrained import resolve_model
+from sparsesr.runtime import precision as half
 from sparsesr.runtime.tiling import auto_tile_size, is_out_of_memory, tiled_forward
 from sparsesr.upscaling.options import UpscaleOptions
 
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LUMA = (0.299, 0.587, 0.114)  # BT.601, sums to 1: a gray input stays exactly gray
 
 
@@ -93,11 +92,6 @@ class UpscaleEngine:
     ``warn``: where warnings go (default: ``warnings.warn``). :meth:`load` loads a model by name.
     """
 
-    # Half types that run faster than fp32 on this CPU; any other is replaced by fp32 (warning).
-    # The hook for a bf16 path (AVX512_BF16 / AMX CPUs): none is measured faster yet, and the
-    # sparse CPU kernel computes in fp32 only, so a half type would also lose the sparse kernels.
-    CPU_FAST_HALF: tuple[torch.dtype, ...] = ()
-
     def __init__(self, net: torch.nn.Module, options: UpscaleOptions | None = None,
                  warn: Callable[[str], None] | None = None) -> None:
         options = options or UpscaleOptions()
@@ -119,13 +113,10 @@ class UpscaleEngine:
         if options.seam_warning:
             self.warn(options.seam_warning)
         precision = options.precision
-        if precision == "auto":
+        if precision == "auto":  # bf16 stays opt-in on the CPU: it cost `fast` 0.011 dB on Set5 (docs/models.md)
             precision = "fp16" if self.device.type == "cuda" else "fp32"
-        elif precision != "fp32" and self.device.type == "cpu" and DTYPES[precision] not in self.CPU_FAST_HALF:
-            # Dense CPU fp16 is emulated (~40x slower than fp32 here) and the sparse kernel is fp32-only.
-            self.warn(f"{precision} has no fast CPU path here; running fp32")
-            precision = "fp32"
-        self.dtype = DTYPES[precision]
+        # A half type without a fast path here (fp16 on any CPU, bf16 without AMX) -> fp32, warned.
+        self.dtype = half.compute_dtype(precision, self.device, self.warn)
         self._half_net: torch.nn.Module | None = None
         self.compute_seconds = 0.0  # time spent in the network (and tiling), for the summary
 
@@ -154,8 +145,22 @@ class UpscaleEngine:
         if self.dtype == torch.float32:
             return self.net
         if self._half_net is None:  # a copy, so fp32 stays exact for the fallback
-            self._half_net = copy.deepcopy(self.net).to(self.dtype)
+            self._half_net = half.half_network(self.net, self.dtype, self.device)
         return self._half_net
+
+    def _dense_bf16(self) -> bool:
+        """Whether the network runs as :class:`~sparsesr.runtime.precision.DenseBf16` (bf16 on the CPU)."""
+        return self.dtype == torch.bfloat16 and self.device.type == "cpu"
+
+    def _tile_size(self, x: torch.Tensor) -> int:
+        """The tile for this attempt: ``options.tile``, else automatic, at most
+        ``BF16_CPU_MAX_TILE`` on the bf16 CPU path (an fp32 fallback gets its own)."""
+        if self.options.tile:
+            return self.options.tile
+        tile = auto_tile_size(x, self.model_scale, int(self.net.n_feats))
+        if self._dense_bf16() and max(x.shape[-2:]) > half.BF16_CPU_MAX_TILE:
+            tile = min(tile or half.BF16_CPU_MAX_TILE, half.BF16_CPU_MAX_TILE)
+        return tile
 
     def _fall_back(self, why: str) -> None:
         self.warn(f"{str(self.dtype).removeprefix('torch.')} {why} on {self.device}; using fp32")
@@ -171,7 +176,6 @@ class UpscaleEngine:
         retry they come again from the top, so the sink must write them in place.
         """
         x = rgb.to(self.device, torch.float32)
-        tile = self.options.tile or auto_tile_size(x, self.model_scale, int(self.net.n_feats))
         start = time.perf_counter()
 
         def checked(first: int, rows: torch.Tensor) -> None:
@@ -180,9 +184,12 @@ class UpscaleEngine:
             sink(first, rows.float().cpu())
 
         while True:
+            # DenseBf16 casts each tile itself and returns fp32; given fp32 tiles, tiled_forward also
+            # hands out its blended rows in fp32 (it returns them in its input's dtype), not rounded to bf16.
+            net_input = x if self._dense_bf16() else x.to(self.dtype)
             try:
-                y = tiled_forward(self._network(), x.to(self.dtype), self.model_scale, tile, self.options.tile_pad,
-                                  progress, None if sink is None else checked)
+                y = tiled_forward(self._network(), net_input, self.model_scale, self._tile_size(x),
+                                  self.options.tile_pad, progress, None if sink is None else checked)
             except Exception as exc:  # noqa: BLE001 - a half type the device cannot run: fall back
                 if is_out_of_memory(exc) or isinstance(exc, SparseSRError):
                     raise

@@ -39,7 +39,8 @@ class UpscaleOptions:
       resized (MATLAB bicubic). None: the model's own.
     - ``device``: auto, cpu, cuda, cuda:N. ``backend``: "auto"/"sparse" (sparse kernels where
       they are faster) or "dense". ``precision``: "auto" (fp32 on CPU, fp16 on CUDA), "fp32",
-      "fp16", "bf16"; a half type that fails or gives non-finite values falls back to fp32.
+      "fp16", "bf16" (on the CPU: dense bf16 convs where it has AMX-BF16, else fp32 with a
+      warning); a half type that fails or gives non-finite values falls back to fp32.
     - ``tile``: input pixels per tile (0: automatic from free memory), ``tile_pad``: overlap.
     - ``alpha``: "bicubic" or "model" (the alpha channel through the network).
 
